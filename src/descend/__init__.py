@@ -1,0 +1,31 @@
+"""descend: PyTorch optimizers in which regularization is explicit, correct and fast.
+
+SGD, Adam and AdamW share one regularization vocabulary (``weight_decay``, ``l1`` and
+``decay`` in {"coupled", "decoupled", "independent", "fixed"}), per parameter group; see
+:mod:`descend.regularization` for the formulas. :func:`param_groups` builds groups from a
+model by rule and :func:`explain` shows what each parameter gets.
+"""
+
+from descend.adam import Adam, AdamW
+from descend.explain import Explanation, ParamRow, explain
+from descend.groups import param_groups
+from descend.optimizer import RegularizedOptimizer
+from descend.regularization import DECAY_MODES, l1_penalty, l2_penalty
+from descend.sgd import SGD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "RegularizedOptimizer",
+    "param_groups",
+    "explain",
+    "Explanation",
+    "ParamRow",
+    "l1_penalty",
+    "l2_penalty",
+    "DECAY_MODES",
+    "__version__",
+]

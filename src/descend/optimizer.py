@@ -1,0 +1,310 @@
+"""The base class of every descend optimizer.
+
+It knows no algorithm. It owns what all of them share: parameter groups and their
+defaults, validation of every option (at construction, in ``add_param_group`` and again
+before each step, since groups are plain dicts a user may edit), ``base_lr`` (the lr a group
+had when it was given to the optimizer, which ``decay="independent"`` divides by), the
+non-finite gradient guard, the choice of implementation (fused, multi-tensor or the
+per-tensor reference), and loading state dicts saved by torch.optim.
+
+A step runs in two phases so that nothing is half-applied: :meth:`_prepare` gathers every
+group's parameters, gradients and (new or existing) state and checks them all, raising
+before anything changes; only then does :meth:`_update` run the update rule of each group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from descend import regularization
+
+NONFINITE_MODES = ("ignore", "skip", "raise")
+IMPLEMENTATIONS = ("fused", "foreach", "single")
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _value(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _allowed(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def check_number(name: str, value: Any, *, low: float, high: float | None = None,
+                 low_open: bool = False, high_open: bool = True) -> None:
+    """Raise ValueError unless ``value`` is a finite real number in the stated interval."""
+    try:
+        x = _value(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise _allowed(name, value, "a real number") from None
+    if isinstance(value, bool) or not math.isfinite(x):
+        raise _allowed(name, value, "a finite real number")
+    lo_ok = x > low if low_open else x >= low
+    hi_ok = high is None or (x < high if high_open else x <= high)
+    if not (lo_ok and hi_ok):
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = f"{high:g}{')' if high_open else ']'}" if high is not None else "inf)"
+        raise _allowed(name, value, f"a number in {lo}, {hi}")
+
+
+def check_regularization(group: dict[str, Any]) -> None:
+    """The vocabulary every optimizer shares: weight_decay, l1 and decay."""
+    check_number("weight_decay", group["weight_decay"], low=0)
+    check_number("l1", group["l1"], low=0)
+    decay = group["decay"]
+    if decay not in regularization.DECAY_MODES:
+        raise _allowed("decay", decay, ", ".join(repr(m) for m in regularization.DECAY_MODES))
+    if decay == "fixed" and _value(group["weight_decay"]) >= 1:
+        raise _allowed("weight_decay", group["weight_decay"],
+                       'a number in [0, 1) with decay="fixed", which multiplies θ by 1 - weight_decay')
+
+
+@dataclass
+class GroupBatch:
+    """What one group contributes to a step: the parameters that have a gradient, their
+    gradients, and their state (entries not yet in ``optimizer.state`` are in ``new``)."""
+
+    group: dict[str, Any]
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+    new: dict[Tensor, dict[str, Any]] = field(default_factory=dict)
+    implementation: str = "single"
+
+    def state_list(self, key: str) -> list[Any]:
+        return [s.get(key) for s in self.states]
+
+
+class RegularizedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` with descend's regularization vocabulary.
+
+    Subclasses provide ``_check_group`` (their own options), ``_new_state`` (the lazy state
+    of one parameter) and ``_update`` (the update rule over one :class:`GroupBatch`).
+    """
+
+    #: implementations this optimizer has besides the per-tensor reference.
+    _fast_paths: tuple[str, ...] = ("fused", "foreach")
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore") -> None:
+        if nonfinite not in NONFINITE_MODES:
+            raise _allowed("nonfinite", nonfinite, ", ".join(repr(m) for m in NONFINITE_MODES))
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    # --- groups and validation ---------------------------------------------------------
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError for an invalid option of this optimizer (subclasses extend)."""
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"], low=0)
+        if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
+            raise _allowed("lr", group["lr"], "a float or a 1-element tensor")
+        check_regularization(group)
+        if group.get("foreach") and group.get("fused"):
+            raise ValueError("Invalid foreach=True with fused=True (allowed: at most one of them)")
+        self._check_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        self._validate({**self.defaults, **options})
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        # lr₀ of "independent" decay: fixed here, never touched by LR schedulers.
+        group.setdefault("base_lr", _value(group["lr"]))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "ignore")
+        self.__dict__.setdefault("skipped_steps", 0)
+        for group in self.param_groups:
+            self._fill_group(group)
+
+    def _fill_group(self, group: dict[str, Any]) -> None:
+        """Give a group that was saved by torch.optim (or an older descend) every key."""
+        if "decay" not in group:
+            # torch's Adam(decoupled_weight_decay=True) and AdamW decay decoupled.
+            group["decay"] = "decoupled" if group.get("decoupled_weight_decay") else self.defaults["decay"]
+        for key, default in self.defaults.items():
+            group.setdefault(key, default)
+        if "base_lr" not in group:
+            group["base_lr"] = _value(group.get("initial_lr", group["lr"]))
+
+    # --- state dicts -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        skipped = state_dict.get("skipped_steps", 0)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._fill_group(group)
+        self.skipped_steps = int(skipped)
+
+    # --- names -------------------------------------------------------------------------
+
+    def param_name(self, param: Tensor) -> str | None:
+        """The name a parameter was given (``named_parameters`` or :func:`descend.param_groups`)."""
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if names is None:
+                continue
+            for p, name in zip(group["params"], names, strict=False):
+                if p is param:
+                    return cast(str, name)
+        return None
+
+    def _describe_param(self, param: Tensor) -> str:
+        name = self.param_name(param)
+        if name is not None:
+            return f"parameter {name!r}"
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p is param:
+                    return f"parameter {pi} of group {gi} (shape {tuple(p.shape)})"
+        return "a parameter"
+
+    # --- the step ----------------------------------------------------------------------
+
+    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The state of a parameter before its first step (subclasses override)."""
+        return {}
+
+    def _check_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        """Existing state must fit its parameter; else nothing may change."""
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"state {key!r} of {self._describe_param(param)} has shape {tuple(value.shape)}, "
+                    f"but the parameter has shape {tuple(param.shape)}"
+                )
+
+    def _prepare(self) -> list[GroupBatch]:
+        batches = []
+        for group in self.param_groups:
+            self._validate(group)
+            batch = GroupBatch(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # as in torch.optim: a parameter without gradient is not touched
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"({self._describe_param(p)} has one); nothing was changed"
+                    )
+                state = self.state.get(p)
+                if not state:
+                    state = self._new_state(p, group)
+                    batch.new[p] = state
+                else:
+                    self._check_state(p, state)
+                batch.params.append(p)
+                batch.grads.append(p.grad)
+                batch.states.append(state)
+            if batch.params:
+                batch.implementation = self._implementation(batch)
+            batches.append(batch)
+        return batches
+
+    def _grads_are_finite(self, batches: list[GroupBatch]) -> bool:
+        grads = [g for b in batches for g in b.grads]
+        if not grads:
+            return True
+        finite = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()
+                  for gs in _by_device_and_dtype(grads)]
+        return bool(torch.stack([f.cpu() for f in finite]).all())
+
+    def _first_nonfinite(self, batches: list[GroupBatch]) -> Tensor:
+        for b in batches:
+            for p, g in zip(b.params, b.grads, strict=True):
+                if not bool(torch.isfinite(g).all()):
+                    return p
+        raise AssertionError("no non-finite gradient")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = self._prepare()
+        if self.nonfinite != "ignore" and not self._grads_are_finite(batches):
+            if self.nonfinite == "raise":
+                culprit = self._describe_param(self._first_nonfinite(batches))
+                raise FloatingPointError(
+                    f"non-finite gradient in {culprit}; nothing was changed (nonfinite='raise')")
+            self.skipped_steps += 1
+            return loss
+        for batch in batches:
+            if batch.params:
+                self._update(batch, batch.implementation)
+            for p, state in batch.new.items():
+                if state:  # as torch.optim: no entry for a parameter that keeps no state
+                    self.state[p] = state
+        return loss
+
+    def _update(self, batch: GroupBatch, implementation: str) -> None:
+        raise NotImplementedError
+
+    # --- which implementation ----------------------------------------------------------
+
+    def _implementation(self, batch: GroupBatch) -> str:
+        """torch's fused kernels where they compute the same math, else multi-tensor
+        (foreach) kernels, else the per-tensor reference. ``fused=`` / ``foreach=`` force a path."""
+        group, params = batch.group, batch.params
+        plain = all(type(p) in _PLAIN_TENSOR_TYPES for p in params)
+        complex_ = any(torch.is_complex(p) for p in params)
+        fused_ok = ("fused" in self._fast_paths and plain and not complex_
+                    and all(p.device.type in _fused_devices() and torch.is_floating_point(p) for p in params))
+        if group.get("fused"):
+            if not fused_ok:
+                raise RuntimeError(
+                    "fused=True needs floating-point, non-complex tensors on a device with fused kernels "
+                    f"({', '.join(_fused_devices())})")
+            return "fused"
+        if group.get("foreach") is False:
+            return "single"
+        foreach_ok = "foreach" in self._fast_paths and not complex_ and all(
+            p.device.type in _foreach_devices() for p in params)
+        if group.get("foreach"):
+            return "foreach" if foreach_ok else "single"
+        if fused_ok:
+            return "fused"
+        return "foreach" if foreach_ok and plain else "single"
+
+
+def _fused_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    return list(_get_fused_kernels_supported_devices())
+
+
+def _foreach_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+    return list(_get_foreach_kernels_supported_devices()) + ["cpu"]
+
+
+def _by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())

@@ -1,0 +1,201 @@
+r"""Weight decay and L1: the only place in descend where their math lives.
+
+Every optimizer takes ``weight_decay`` (λ ≥ 0), ``l1`` (λ₁ ≥ 0) and ``decay``, which says
+how both are applied. With lr the group's current learning rate and lr₀ = ``group["base_lr"]``
+the learning rate the group had when it was given to the optimizer:
+
+=================  ==============================  =========================================
+``decay=``         weight decay                    L1
+=================  ==============================  =========================================
+``"coupled"``      g ← g + λ·θ (before the rule)   g ← g + λ₁·sgn(θ)
+``"decoupled"``    θ ← θ·(1 − lr·λ)                θ ← sgn(θ)·max(|θ| − lr·λ₁, 0)
+``"independent"``  θ ← θ·(1 − (lr/lr₀)·λ)          threshold (lr/lr₀)·λ₁
+``"fixed"``        θ ← θ·(1 − λ)                   threshold λ₁
+=================  ==============================  =========================================
+
+Coupled decay is L2 regularization: ``weight_decay=λ`` is the gradient of
+λ/2·‖θ‖² (:func:`l2_penalty`), so a loss term ``c·‖θ‖²`` corresponds to ``weight_decay=2c``,
+and ``l1=λ₁`` is the (sub)gradient of λ₁·‖θ‖₁ (:func:`l1_penalty`).
+
+The decoupled modes differ only in the *scale* s that multiplies λ and λ₁:
+s = lr ("decoupled", torch's AdamW), s = lr/lr₀ ("independent", the AdamW paper's schedule
+multiplier η_t; MosaicML's DecoupledAdamW) and s = 1 ("fixed"). Shrinking happens before the
+update rule, as in torch's AdamW and line 12 of the paper's Algorithm 2, where the decay term
+λ·θ_{t-1} is taken at the old parameters. L1 is applied after the update as a proximal step
+(soft-thresholding), so weights that the update brings within the threshold become exactly 0.
+
+Because every decoupled mode is θ ← θ·(1 − s·λ), each is torch's own decoupled rule with the
+coefficient s·λ/lr: :func:`torch_decoupled_coefficient` gives it, which is how the fused
+kernels serve all three modes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DECAY_MODES = ("coupled", "decoupled", "independent", "fixed")
+DECOUPLED_MODES = ("decoupled", "independent", "fixed")
+
+
+def _scalar(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def decoupled_scale(decay: str, lr: float | Tensor, base_lr: float) -> float:
+    """The scale s that multiplies λ (and λ₁) in a decoupled mode: lr, lr/lr₀ or 1."""
+    if decay == "decoupled":
+        return _scalar(lr)
+    if decay == "independent":
+        # lr₀ = 0 only for a group that never moves; no decay follows its (zero) schedule.
+        return _scalar(lr) / base_lr if base_lr != 0 else 0.0
+    if decay == "fixed":
+        return 1.0
+    raise ValueError(f"decoupled_scale: decay={decay!r} is not a decoupled mode {DECOUPLED_MODES}")
+
+
+def decay_factor(decay: str, lr: float | Tensor, base_lr: float, weight_decay: float) -> float:
+    """The factor θ is multiplied by in one step: 1 − s·λ (1 for coupled decay, where
+    λ·θ goes into the gradient instead of multiplying θ)."""
+    if decay == "coupled" or weight_decay == 0:
+        return 1.0
+    return 1.0 - decoupled_scale(decay, lr, base_lr) * weight_decay
+
+
+def l1_threshold(decay: str, lr: float | Tensor, base_lr: float, l1: float) -> float:
+    """The soft-threshold of the L1 proximal step, s·λ₁ (0 for coupled L1)."""
+    if decay == "coupled" or l1 == 0:
+        return 0.0
+    return decoupled_scale(decay, lr, base_lr) * l1
+
+
+def torch_decoupled_coefficient(
+    decay: str, lr: float | Tensor, base_lr: float, weight_decay: float
+) -> float | None:
+    """The ``weight_decay`` that torch's decoupled rule θ·(1 − lr·c) needs to apply
+    this mode's factor 1 − s·λ: c = s·λ/lr. None where no such c exists (lr = 0 with a
+    non-zero factor), in which case the caller multiplies θ itself."""
+    if decay == "decoupled":
+        return weight_decay  # exactly torch's coefficient, so the kernel computes 1 − lr·λ bit for bit
+    lr_value = _scalar(lr)
+    scaled = decoupled_scale(decay, lr, base_lr) * weight_decay
+    if scaled == 0:
+        return 0.0
+    if lr_value == 0 or not math.isfinite(scaled / lr_value):
+        return None
+    return scaled / lr_value
+
+
+# --- coupled: terms added to the gradient ---------------------------------------------
+
+
+def coupled_gradient(param: Tensor, grad: Tensor, weight_decay: float, l1: float) -> Tensor:
+    """g + λ·θ + λ₁·sgn(θ), as a new tensor (the caller's gradient is not modified)."""
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    if l1 != 0:
+        grad = grad.add(torch.sgn(param), alpha=l1)
+    return grad
+
+
+def coupled_gradients_(params: list[Tensor], grads: list[Tensor], weight_decay: float, l1: float) -> list[Tensor]:
+    """Multi-tensor :func:`coupled_gradient`: returns g + λ·θ + λ₁·sgn(θ) for each tensor.
+
+    The returned list holds new tensors; the inputs are not modified."""
+    if weight_decay != 0:
+        grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
+    if l1 != 0:
+        signs = torch._foreach_sign(params)
+        if weight_decay != 0:
+            torch._foreach_add_(grads, signs, alpha=l1)
+        else:
+            grads = list(torch._foreach_add(grads, signs, alpha=l1))
+    return grads
+
+
+# --- decoupled: shrinking θ and the L1 proximal step ----------------------------------
+
+
+def decay_(params: list[Tensor], factor: float) -> None:
+    """θ ← θ·factor for every tensor (nothing to do when factor is 1)."""
+    if factor != 1.0 and params:
+        torch._foreach_mul_(params, factor)
+
+
+def prox_l1_(param: Tensor, threshold: float) -> None:
+    """Soft-threshold in place: θ ← sgn(θ)·max(|θ| − t, 0), the proximal map of t·‖θ‖₁.
+
+    For a complex θ, sgn(θ) = θ/|θ|, which shrinks the modulus and keeps the phase."""
+    if threshold == 0:
+        return
+    magnitude = (param.abs() - threshold).clamp_(min=0)
+    param.copy_(torch.sgn(param) * magnitude)
+
+
+def prox_l1_foreach_(params: list[Tensor], threshold: float) -> None:
+    """Multi-tensor :func:`prox_l1_` for real tensors: θ ← θ − clamp(θ, −t, t)."""
+    if threshold == 0 or not params:
+        return
+    clipped = torch._foreach_clamp_min(torch._foreach_clamp_max(params, threshold), -threshold)
+    torch._foreach_sub_(params, clipped)
+
+
+# --- the loss-term route ---------------------------------------------------------------
+
+
+def _tensors(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
+    if isinstance(params, torch.nn.Module):
+        return list(params.parameters())
+    return [p for p in params]
+
+
+def _squared_sum(t: Tensor) -> Tensor:
+    if t.is_complex():
+        return t.real.pow(2).sum() + t.imag.pow(2).sum()
+    return t.pow(2).sum()
+
+
+def l2_penalty(params: Iterable[Tensor] | torch.nn.Module) -> Tensor:
+    r"""Σ θ² over all tensors (the squared L2 norm, differentiable).
+
+    ``loss + λ/2 · l2_penalty(params)`` under plain SGD or Adam equals
+    ``weight_decay=λ`` with ``decay="coupled"``; the tutorials' ``λ·Σθ²`` is
+    ``weight_decay=2λ``."""
+    tensors = _tensors(params)
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack([_squared_sum(t) for t in tensors]).sum()
+
+
+def l1_penalty(params: Iterable[Tensor] | torch.nn.Module) -> Tensor:
+    r"""Σ |θ| over all tensors (the L1 norm, differentiable away from 0).
+
+    ``loss + λ₁ · l1_penalty(params)`` equals ``l1=λ₁`` with ``decay="coupled"``."""
+    tensors = _tensors(params)
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack([t.abs().sum() for t in tensors]).sum()
+
+
+def describe(group: dict[str, Any]) -> str:
+    """One line saying what a group's regularization does to θ, for :func:`descend.explain`."""
+    decay, wd, l1 = group.get("decay", "coupled"), group.get("weight_decay", 0), group.get("l1", 0)
+    if wd == 0 and l1 == 0:
+        return "none"
+    parts = []
+    if decay == "coupled":
+        if wd:
+            parts.append(f"g += {wd:g}·θ")
+        if l1:
+            parts.append(f"g += {l1:g}·sgn(θ)")
+    else:
+        scale = {"decoupled": "lr", "independent": "(lr/lr₀)", "fixed": ""}[decay]
+        if wd:
+            parts.append(f"θ *= 1 − {scale}{'·' if scale else ''}{wd:g}")
+        if l1:
+            parts.append(f"prox L1 {scale}{'·' if scale else ''}{l1:g}")
+    return "; ".join(parts)

@@ -1,0 +1,209 @@
+r"""Stochastic gradient descent with momentum, dampening, Nesterov and maximize.
+
+.. math::
+   \begin{aligned}
+   &g_t \leftarrow \pm\nabla f(\theta_{t-1})
+        \quad(\text{minus when maximizing})\\
+   &\textbf{coupled: } g_t \leftarrow g_t + \lambda\theta_{t-1} + \lambda_1\,\mathrm{sgn}(\theta_{t-1})
+    \qquad \textbf{decoupled modes: } \theta_{t-1} \leftarrow \theta_{t-1}(1 - s\lambda)\\
+   &b_t \leftarrow g_t \ (t = 1), \qquad b_t \leftarrow \mu b_{t-1} + (1-\tau) g_t \ (t > 1)\\
+   &g_t \leftarrow g_t + \mu b_t \ (\text{nesterov}), \qquad g_t \leftarrow b_t \ (\text{otherwise})\\
+   &\theta_t \leftarrow \theta_{t-1} - \gamma g_t\\
+   &\textbf{decoupled L1: } \theta_t \leftarrow \mathrm{sgn}(\theta_t)\max(|\theta_t| - s\lambda_1, 0)
+   \end{aligned}
+
+with γ = lr, μ = momentum, τ = dampening and s the decoupled scale of
+:mod:`descend.regularization` (lr, lr/lr₀ or 1). With ``decay="coupled"`` (the default)
+this is ``torch.optim.SGD`` exactly, quirks included: the first momentum step takes the raw
+gradient without dampening, and parameters whose grad is None are not touched.
+
+Without momentum, coupled and decoupled weight decay coincide for SGD (θ − γ(g + λθ) =
+θ(1 − γλ) − γg); with momentum they do not, since coupled decay goes through the buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from descend import regularization
+from descend.optimizer import RegularizedOptimizer, _allowed, check_number
+
+__all__ = ["SGD", "sgd"]
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    weight_decay: float,
+    l1: float,
+    decay: str,
+    base_lr: float,
+    implementation: str = "single",
+) -> None:
+    """Functional SGD over lists of tensors; new momentum buffers are written into
+    ``momentum_buffers`` (which must have one entry per parameter when momentum ≠ 0)."""
+    impl = {"single": _single_tensor_sgd, "foreach": _multi_tensor_sgd, "fused": _fused_sgd}[implementation]
+    impl(params, grads, momentum_buffers, lr=float(lr), momentum=momentum, dampening=dampening,
+         nesterov=nesterov, maximize=maximize, weight_decay=weight_decay, l1=l1, decay=decay,
+         base_lr=base_lr)
+
+
+def _single_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
+                       lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                       weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+    """The reference: one tensor at a time, each line a line of the math above."""
+    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
+    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if decay == "coupled":
+            grad = regularization.coupled_gradient(param, grad, weight_decay, l1)
+        elif factor != 1.0:
+            param.mul_(factor)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = grad.detach().clone()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+        regularization.prox_l1_(param, threshold)
+
+
+def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
+                      lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                      weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+    """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype."""
+    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
+    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+    lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
+    for tensors, indices in grouped.values():
+        device_params, device_grads = list(tensors[0]), list(tensors[1])
+        if maximize:
+            device_grads = list(torch._foreach_neg(device_grads))
+        if decay == "coupled":
+            device_grads = regularization.coupled_gradients_(device_params, device_grads, weight_decay, l1)
+        else:
+            regularization.decay_(device_params, factor)
+        if momentum != 0:
+            bufs: list[Tensor] = []
+            for j, buf in enumerate(tensors[2]):
+                if buf is None:
+                    buf = device_grads[j].detach().clone()
+                    momentum_buffers[indices[j]] = buf
+                else:
+                    buf.mul_(momentum).add_(device_grads[j], alpha=1 - dampening)
+                bufs.append(buf)
+            if nesterov:
+                device_grads = list(torch._foreach_add(device_grads, bufs, alpha=momentum))
+            else:
+                device_grads = bufs
+        torch._foreach_add_(device_params, device_grads, alpha=-lr)
+        regularization.prox_l1_foreach_(device_params, threshold)
+
+
+def _fused_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
+               lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+               weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+    """torch's fused SGD kernel, which applies coupled weight decay itself. Decoupled
+    decay is a multiply before it, coupled L1 a term added to (a copy of) the gradient,
+    decoupled L1 a soft-threshold after it."""
+    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
+    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+    lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
+    for tensors, indices in grouped.values():
+        device_params, device_grads = list(tensors[0]), list(tensors[1])
+        kernel_decay = 0.0
+        if decay == "coupled":
+            kernel_decay = weight_decay
+            if l1 != 0:
+                # the kernel negates the gradient when maximizing; pre-negate the L1 term to match
+                device_grads = list(torch._foreach_add(device_grads, torch._foreach_sign(device_params),
+                                                       alpha=-l1 if maximize else l1))
+        else:
+            regularization.decay_(device_params, factor)
+        options: dict[str, Any] = dict(weight_decay=kernel_decay, momentum=momentum, lr=lr,
+                                       dampening=dampening, nesterov=nesterov, maximize=maximize)
+        if momentum == 0:
+            torch._fused_sgd_(device_params, device_grads, [], is_first_step=False, **options)
+        else:
+            # the kernel takes one is_first_step for the whole list: new buffers go in their own call
+            old = [j for j, b in enumerate(tensors[2]) if b is not None]
+            new = [j for j, b in enumerate(tensors[2]) if b is None]
+            for chosen, first in ((old, False), (new, True)):
+                if not chosen:
+                    continue
+                if first:
+                    for j in chosen:
+                        momentum_buffers[indices[j]] = torch.empty_like(device_grads[j])
+                bufs = [momentum_buffers[indices[j]] for j in chosen]
+                torch._fused_sgd_([device_params[j] for j in chosen], [device_grads[j] for j in chosen],
+                                  bufs, is_first_step=first, **options)  # type: ignore[arg-type]
+        regularization.prox_l1_foreach_(device_params, threshold)
+
+
+class SGD(RegularizedOptimizer):
+    r"""SGD with momentum, dampening, Nesterov, maximize, and descend's regularization.
+
+    Args:
+        params: tensors, parameter-group dicts, or ``(name, tensor)`` pairs.
+        lr: learning rate γ (default 1e-3).
+        momentum: μ in [0, 1) (default 0).
+        dampening: τ in [0, 1] (default 0).
+        weight_decay: λ ≥ 0 (default 0); see ``decay``.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
+        l1: λ₁ ≥ 0, L1 regularization (default 0).
+        decay: ``"coupled"`` (default, torch's L2), ``"decoupled"``, ``"independent"`` or
+            ``"fixed"``; see :mod:`descend.regularization`.
+        maximize: maximize the objective instead of minimizing it.
+        foreach, fused: force the multi-tensor or the fused implementation
+            (``foreach=False`` forces the per-tensor reference); by default the fastest
+            one that applies.
+        nonfinite: ``"ignore"`` (default), ``"skip"`` or ``"raise"`` for steps whose
+            gradients hold NaN or inf.
+
+    The update rule is in the docstring of :mod:`descend.sgd`.
+    """
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, l1: float = 0, decay: str = "coupled",
+                 maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 nonfinite: str = "ignore") -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, l1=l1, decay=decay, maximize=maximize, foreach=foreach,
+                        fused=fused)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_number("momentum", group["momentum"], low=0, high=1)
+        check_number("dampening", group["dampening"], low=0, high=1, high_open=False)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise _allowed("nesterov", group["nesterov"],
+                           f"True only with momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
+                           f"dampening={group['dampening']!r}")
+
+    def _update(self, batch: Any, implementation: str) -> None:
+        group = batch.group
+        momentum = group["momentum"]
+        bufs = batch.state_list("momentum_buffer") if momentum != 0 else []
+        sgd(batch.params, batch.grads, bufs, lr=group["lr"], momentum=momentum, dampening=group["dampening"],
+            nesterov=group["nesterov"], maximize=group["maximize"], weight_decay=group["weight_decay"],
+            l1=group["l1"], decay=group["decay"], base_lr=group["base_lr"], implementation=implementation)
+        if momentum != 0:
+            for state, buf in zip(batch.states, bufs, strict=True):
+                state["momentum_buffer"] = buf
