@@ -1,0 +1,526 @@
+r"""What the closure solvers (L-BFGS, conjugate gradient) share: the parameters seen as one
+vector, the global reductions, the objective with its weight-decay term, and a base class.
+
+A quasi-Newton or conjugate gradient method works on one vector x ∈ ℝⁿ made of every
+parameter of every group. :class:`ParamSpace` is that vector: it gathers the gradients into
+it, moves the parameters along a direction, and saves and restores them. A vector is a
+list of *pieces*: one flat tensor per (device, real dtype) bucket of ordinary tensors
+(complex parameters are viewed as pairs of reals, as ``torch.optim.LBFGS`` does), and one
+piece per DTensor parameter, kept in the parameter's own shape and placement. With every
+parameter on one device and of one dtype there is exactly one flat piece, and every
+operation is the one ``torch.optim.LBFGS`` performs on its flat vector, bit for bit.
+
+Global reductions
+-----------------
+Every reduction the solvers make over the elements of a vector — dot products, the max-abs
+and abs-sum norms of their stopping tests and first step, the value of the loss and of the
+weight-decay penalty — goes through the few functions of this module marked *reduction*
+(:func:`dot`, :func:`max_abs`, :func:`abs_sum`, :func:`loss_value`, :func:`squared_norm`).
+Nothing else in the solvers looks at more than one element at a time, so making them global
+across a process group is a change to these functions alone. Today a DTensor piece is
+reduced by DTensor itself (the partial result is all-reduced over its mesh by
+``full_tensor()``); ordinary tensors are reduced locally.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from descend import regularization
+from descend.optimizer import RegularizedOptimizer, _allowed, _value, check_number
+
+__all__ = ["ParamSpace", "Objective", "ClosureSolver", "Outcome", "Vector", "dot", "max_abs", "abs_sum",
+           "loss_value", "squared_norm", "is_finite"]
+
+#: one piece per bucket: a flat tensor, or a DTensor parameter's own shape
+Vector = list[Tensor]
+#: a step length: a Python number or a 0-dim tensor, as in torch's L-BFGS
+Scalar = float | Tensor
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def is_dtensor(t: Any) -> bool:
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def _to_local_scalar(x: Tensor) -> Tensor:
+    """A replicated plain tensor from a (possibly partial) DTensor reduction."""
+    if is_dtensor(x):
+        return x.full_tensor()  # type: ignore[attr-defined, no-any-return]
+    return x
+
+
+def _combine(parts: list[Tensor], how: str) -> Tensor:
+    """Reduce the per-piece results to one 0-dim tensor (the identity for one piece, so a
+    single flat piece gives exactly torch's number)."""
+    if len(parts) == 1:
+        return parts[0]
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    stacked = torch.stack([p.to(device=parts[0].device, dtype=dtype) for p in parts])
+    return stacked.sum() if how == "sum" else stacked.max()
+
+
+# --- reductions: the only places where elements of a vector are combined ---------------
+
+
+def dot(a: Vector, b: Vector) -> Tensor:
+    """*reduction* aᵀb, a 0-dim tensor."""
+    return _combine([_to_local_scalar(x.dot(y) if x.dim() == 1 and not is_dtensor(x) else (x * y).sum())
+                     for x, y in zip(a, b, strict=True)], "sum")
+
+
+def max_abs(a: Vector) -> Tensor:
+    """*reduction* ‖a‖_∞ (NaN if any element is NaN), a 0-dim tensor."""
+    return _combine([_to_local_scalar(x.abs().max()) for x in a], "max")
+
+
+def abs_sum(a: Vector) -> Tensor:
+    """*reduction* ‖a‖₁, a 0-dim tensor."""
+    return _combine([_to_local_scalar(x.abs().sum()) for x in a], "sum")
+
+
+def loss_value(loss: Any) -> float:
+    """*reduction* The value of a closure's loss as a Python float."""
+    if isinstance(loss, Tensor):
+        loss = _to_local_scalar(loss.detach())
+    return float(loss)
+
+
+def squared_norm(tensors: Sequence[Tensor]) -> float:
+    """*reduction* Σ‖θ‖² over ``tensors`` (:func:`descend.regularization.l2_penalty`)."""
+    total = 0.0
+    buckets: dict[Any, list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault(id(t) if is_dtensor(t) else (t.device, t.dtype), []).append(t)
+    for group in buckets.values():
+        total += float(_to_local_scalar(regularization.l2_penalty(group).detach()))
+    return total
+
+
+def first_step(grad: Vector, lr: float) -> Scalar:
+    """lr·min(1, 1/‖g‖₁): the first trial step of torch's L-BFGS (a 0-dim tensor where 1/‖g‖₁ < 1)."""
+    step: Any = min(1.0, 1.0 / abs_sum(grad))
+    return step * lr  # type: ignore[no-any-return]
+
+
+def is_finite(x: float | Tensor) -> bool:
+    """Whether a scalar already reduced (a float or 0-dim tensor) is finite."""
+    return math.isfinite(float(x))
+
+
+# --- element-wise operations on vectors ------------------------------------------------
+
+
+def neg(a: Vector) -> Vector:
+    return [x.neg() for x in a]
+
+
+def sub(a: Vector, b: Vector) -> Vector:
+    return [x.sub(y) for x, y in zip(a, b, strict=True)]
+
+
+def mul(a: Vector, s: Scalar) -> Vector:
+    return [torch.mul(x, s) for x in a]
+
+
+def add_(a: Vector, b: Vector, alpha: Scalar) -> Vector:
+    """a ← a + alpha·b in place."""
+    for x, y in zip(a, b, strict=True):
+        x.add_(y, alpha=alpha)  # type: ignore[arg-type]
+    return a
+
+
+def clone(a: Vector) -> Vector:
+    return [x.clone(memory_format=torch.contiguous_format) for x in a]
+
+
+def numel(a: Vector) -> int:
+    return sum(x.numel() for x in a)
+
+
+# --- the parameters as a vector ----------------------------------------------------------
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
+
+
+class ParamSpace:
+    """The parameters of an optimizer, in order, as one vector of buckets.
+
+    ``leaders[i]`` is the first parameter of bucket i: a solver stores the i-th piece of
+    each of its vectors in that parameter's state, so that ``load_state_dict`` casts each
+    piece to its own device and dtype.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        keys: dict[Any, int] = {}
+        self.buckets: list[list[Tensor]] = []
+        for p in self.params:
+            if is_dtensor(p):
+                if p.is_complex():
+                    raise ValueError("complex DTensor parameters are not supported by the closure solvers")
+                self.buckets.append([p])
+                continue
+            key = (p.device, _real_dtype(p.dtype))
+            if key not in keys:
+                keys[key] = len(self.buckets)
+                self.buckets.append([])
+            self.buckets[keys[key]].append(p)
+        self.leaders = [b[0] for b in self.buckets]
+        self.sizes = [sum(2 * p.numel() if p.is_complex() else p.numel() for p in b) for b in self.buckets]
+
+    def _real_view(self, p: Tensor) -> Tensor:
+        return torch.view_as_real(p) if p.is_complex() else p
+
+    def gather(self, grads: Sequence[Tensor | None]) -> Vector:
+        """The vector of ``grads`` (one per parameter, in order; None counts as zeros)."""
+        by_param = dict(zip(map(id, self.params), grads, strict=True))
+        pieces: Vector = []
+        for bucket in self.buckets:
+            if is_dtensor(bucket[0]):
+                g = by_param[id(bucket[0])]
+                pieces.append(torch.zeros_like(bucket[0]) if g is None else g.clone())
+                continue
+            views = []
+            for p in bucket:
+                g = by_param[id(p)]
+                if g is None:
+                    view = p.new(p.numel()).zero_()
+                else:
+                    view = (g.to_dense() if g.is_sparse else g).reshape(-1)
+                views.append(torch.view_as_real(view).view(-1) if view.is_complex() else view)
+            pieces.append(torch.cat(views, 0))
+        return pieces
+
+    def add_(self, t: Scalar, d: Vector) -> None:
+        """θ ← θ + t·d."""
+        for bucket, piece in zip(self.buckets, d, strict=True):
+            if is_dtensor(bucket[0]):
+                bucket[0].add_(piece, alpha=t)  # type: ignore[arg-type]
+                continue
+            offset = 0
+            for p in bucket:
+                real = self._real_view(p)
+                n = real.numel()
+                real.add_(piece[offset:offset + n].view_as(real), alpha=t)  # type: ignore[arg-type]
+                offset += n
+
+    def save(self) -> list[Tensor]:
+        return [p.clone(memory_format=torch.contiguous_format) for p in self.params]
+
+    def restore(self, saved: Sequence[Tensor]) -> None:
+        for p, s in zip(self.params, saved, strict=True):
+            p.copy_(s)
+
+    def check_piece(self, name: str, piece: Any, index: int) -> None:
+        """Raise ValueError if a stored piece does not fit bucket ``index``."""
+        if not isinstance(piece, Tensor) or piece.numel() != self.sizes[index]:
+            shape = tuple(piece.shape) if isinstance(piece, Tensor) else type(piece).__name__
+            raise ValueError(
+                f"optimizer state {name!r} has {shape} for bucket {index}, which holds {self.sizes[index]} "
+                "numbers: the state does not belong to these parameters; nothing was changed")
+
+
+class Objective:
+    r"""φ(θ) = s·f(θ) + Σ_g λ_g/2·‖θ_g‖² and its gradient, from a closure.
+
+    s = −1 when maximizing, else 1; λ_g is group g's ``weight_decay``. The decay gradient is
+    :func:`descend.regularization.coupled_gradient` and its value λ/2·
+    :func:`descend.regularization.l2_penalty`, so the line search sees the same function
+    whose gradient it follows.
+    """
+
+    def __init__(self, space: ParamSpace, closure: Callable[[], Any], weight_decays: Sequence[float],
+                 maximize: bool) -> None:
+        self.space = space
+        self.closure = closure
+        self.decays = list(weight_decays)
+        self.maximize = maximize
+        self.evaluations = 0
+
+    def __call__(self) -> tuple[Any, float, Vector]:
+        """(what the closure returned, φ, ∇φ) at the current parameters."""
+        with torch.enable_grad():
+            loss = self.closure()
+        self.evaluations += 1
+        value = loss_value(loss)
+        grads: list[Tensor | None] = []
+        decayed: dict[float, list[Tensor]] = {}
+        for p, wd in zip(self.space.params, self.decays, strict=True):
+            g = p.grad
+            if self.maximize and g is not None:
+                g = -g
+            if wd != 0:
+                g = regularization.coupled_gradient(p, torch.zeros_like(p) if g is None else g, wd, 0)
+                decayed.setdefault(wd, []).append(p)
+            grads.append(g)
+        if self.maximize:
+            value = -value
+        for wd, params in decayed.items():
+            value += wd / 2 * squared_norm(params)
+        return loss, value, self.space.gather(grads)
+
+    def at(self, saved: Sequence[Tensor], t: Scalar, d: Vector) -> tuple[float, Vector]:
+        """(φ, ∇φ) at saved + t·d; the parameters are then put back to ``saved``."""
+        self.space.add_(t, d)
+        try:
+            _, value, grad = self()
+        finally:
+            self.space.restore(saved)
+        return value, grad
+
+
+# --- the base class ----------------------------------------------------------------------
+
+#: why a step stopped, in words (``Outcome.reason`` → message)
+STOP_MESSAGES = {
+    "tolerance_grad": "the largest gradient component is at most tolerance_grad",
+    "tolerance_change": "the change in parameters or objective fell below tolerance_change",
+    "no_descent": "the directional derivative along the search direction is above -tolerance_change",
+    "max_iter": "max_iter iterations were run",
+    "max_eval": "max_eval function evaluations were spent",
+    "line_search": "the line search found no lower point along the search direction",
+    "nonfinite": "the closure returned a non-finite value and no finite point was found",
+    "callback": "the callback asked to stop",
+}
+
+
+@dataclass
+class Outcome:
+    """How one call of a closure solver ended."""
+
+    loss: Any  #: what the closure returned at the start of the call (what ``step`` returns)
+    reason: str  #: a key of :data:`STOP_MESSAGES`
+    value: float | None  #: φ at the final parameters, None where they were not evaluated
+    grad: Vector | None  #: ∇φ there
+    iterations: int  #: iterations run in this call
+    evaluations: int  #: closure evaluations in this call
+
+
+#: called after each iteration with φ and ∇φ at the new point (None where not evaluated);
+#: returning True stops the solver.
+IterationCallback = Callable[[float | None, Vector | None], bool | None]
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _allowed(name, value, f"an integer >= {low}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        try:
+            return _value(a) == _value(b)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+    return bool(a == b)
+
+
+class ClosureSolver(RegularizedOptimizer):
+    """The base class of :class:`descend.LBFGS` and :class:`descend.ConjugateGradient`.
+
+    One solver runs over every parameter of every group, so the solver settings must agree
+    across groups (``_shared``); only ``weight_decay`` may differ, and it is part of the
+    objective (see :class:`Objective`). Vectors live in the state of the first parameter of
+    each bucket (:class:`ParamSpace`), so the state of a single-bucket solver is laid out
+    exactly as ``torch.optim.LBFGS`` lays out its own. A step works on copies and writes
+    the state only at the end; if it raises, parameters and state are as they were.
+    """
+
+    _fast_paths: tuple[str, ...] = ()
+    #: options every group must share
+    _shared: tuple[str, ...] = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
+                                "line_search_fn", "c1", "c2", "maximize")
+    #: state keys holding one vector, and a list of vectors
+    _vector_keys: tuple[str, ...] = ()
+    _history_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        _check_int("max_iter", defaults["max_iter"], 1)
+        if defaults["max_eval"] is None:
+            defaults["max_eval"] = defaults["max_iter"] * 5 // 4  # torch's default
+        self.last_stop: str | None = None
+        super().__init__(params, defaults)
+
+    # --- validation ----------------------------------------------------------------------
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        _check_int("max_iter", group["max_iter"], 1)
+        _check_int("max_eval", group["max_eval"], 1)
+        check_number("tolerance_grad", group["tolerance_grad"], low=0)
+        check_number("tolerance_change", group["tolerance_change"], low=0)
+        if group["line_search_fn"] not in (None, "strong_wolfe"):
+            raise _allowed("line_search_fn", group["line_search_fn"], "None or 'strong_wolfe'")
+        check_number("c1", group["c1"], low=0, high=1, low_open=True)
+        check_number("c2", group["c2"], low=_value(group["c1"]), high=1, low_open=True)
+        if not isinstance(group["maximize"], bool):
+            raise _allowed("maximize", group["maximize"], "True or False")
+        if group["decay"] != "coupled":
+            raise _allowed(
+                "decay", group["decay"],
+                f"'coupled' only: {name} minimizes f + Σ weight_decay/2·‖θ‖², so weight decay is part of the "
+                "objective its line search measures; a decoupled shrink of θ between evaluations has no "
+                "objective to descend")
+        if _value(group["l1"]) != 0:
+            raise _allowed(
+                "l1", group["l1"],
+                f"0 only: {name} needs a smooth objective, and λ₁·‖θ‖₁ is not differentiable at 0 "
+                "(its curvature pairs and line search break down there)")
+
+    def _check_agreement(self, first: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        differ = [k for k in self._shared if not _same(first[k], group[k])]
+        if differ:
+            details = ", ".join(f"{k}={group[k]!r} (group 0: {first[k]!r})" for k in differ)
+            raise ValueError(
+                f"{type(self).__name__} runs one solver over all parameter groups, so its solver settings must "
+                f"agree across groups; group {index} differs in {details}. Only weight_decay may differ.")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "max_eval" in param_group and param_group["max_eval"] is None:
+            max_iter = param_group.get("max_iter", self.defaults["max_iter"])
+            _check_int("max_iter", max_iter, 1)
+            param_group = {**param_group, "max_eval": max_iter * 5 // 4}
+        if self.param_groups and isinstance(param_group, dict):
+            options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+            merged = {**self.defaults, **options}
+            self._validate(merged)
+            self._check_agreement(self.param_groups[0], merged, len(self.param_groups))
+        super().add_param_group(param_group)
+        # the vector the solver works on has changed: its memory no longer applies
+        self.state.clear()
+
+    def _settings(self) -> dict[str, Any]:
+        first = self.param_groups[0]
+        for i, group in enumerate(self.param_groups):
+            self._validate(group)
+            if i:
+                self._check_agreement(first, group, i)
+        settings = {k: first[k] for k in self.defaults if k not in ("weight_decay", "l1", "decay")}
+        settings["lr"] = _value(first["lr"])
+        return settings
+
+    # --- state: vectors split over the buckets' first parameters ----------------------------
+
+    def _load_state(self, space: ParamSpace) -> dict[str, Any]:
+        head = self.state.get(space.leaders[0], {})
+        vector_keys = self._vector_keys + self._history_keys
+        state = {k: v for k, v in head.items() if k not in vector_keys}
+        per_bucket = [self.state.get(leader, {}) for leader in space.leaders]
+        for key in self._vector_keys:
+            if head.get(key) is None:
+                continue
+            pieces = [s.get(key) for s in per_bucket]
+            for b, piece in enumerate(pieces):
+                space.check_piece(key, piece, b)
+            state[key] = pieces
+        for key in self._history_keys:
+            if key not in head:
+                continue
+            lists = [s.get(key) for s in per_bucket]
+            if any(not isinstance(x, list) or len(x) != len(head[key]) for x in lists):
+                raise ValueError(f"optimizer state {key!r} does not belong to these parameters; nothing was changed")
+            for b, entries in enumerate(lists):
+                for piece in entries:  # type: ignore[union-attr]
+                    space.check_piece(key, piece, b)
+            state[key] = [[x[i] for x in lists] for i in range(len(head[key]))]  # type: ignore[index]
+        return state
+
+    def _store_state(self, space: ParamSpace, state: dict[str, Any]) -> None:
+        vector_keys = self._vector_keys + self._history_keys
+        per_bucket: list[dict[str, Any]] = [{k: v for k, v in state.items() if k not in vector_keys}]
+        per_bucket += [{} for _ in space.leaders[1:]]
+        for key in self._vector_keys:
+            if key in state:
+                if state[key] is None:
+                    per_bucket[0][key] = None
+                    continue
+                for b, piece in enumerate(state[key]):
+                    per_bucket[b][key] = piece
+        for key in self._history_keys:
+            if key in state:
+                for b, bucket_state in enumerate(per_bucket):
+                    bucket_state[key] = [v[b] for v in state[key]]
+        for leader, bucket_state in zip(space.leaders, per_bucket, strict=True):
+            self.state[leader] = bucket_state
+
+    # --- the step --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+        """Run up to ``max_iter`` iterations; return what the closure returned at the start.
+
+        Args:
+            closure: clears the gradients, computes the loss, calls ``backward()`` and returns
+                the loss. It is called with gradients enabled.
+        """
+        return self._run(closure).loss
+
+    @torch.no_grad()
+    def _run(self, closure: Callable[[], Any], callback: IterationCallback | None = None) -> Outcome:
+        if closure is None or not callable(closure):
+            raise ValueError(f"{type(self).__name__}.step needs a closure that re-evaluates the loss and its "
+                             f"gradient, got {closure!r}")
+        settings = self._settings()
+        params = [p for g in self.param_groups for p in g["params"]]
+        decays = [_value(g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
+        space = ParamSpace(params)
+        state = self._load_state(space)
+        objective = Objective(space, closure, decays, settings["maximize"])
+        saved = space.save()
+        try:
+            new_state, outcome = self._solve(objective, state, settings, callback)
+        except BaseException:
+            space.restore(saved)
+            raise
+        self._store_state(space, new_state)
+        self.last_stop = outcome.reason
+        return outcome
+
+    def _solve(self, objective: Objective, state: dict[str, Any], settings: dict[str, Any],
+               callback: IterationCallback | None) -> tuple[dict[str, Any], Outcome]:
+        raise NotImplementedError
+
+
+def stop_reason(*, n_iter: int, max_iter: int, evals: int, max_eval: int, grad_max: Tensor, tolerance_grad: float,
+                d: Vector, t: Scalar, value: float, prev_value: float, tolerance_change: float,
+                known: bool) -> str | None:
+    """The stopping tests of ``torch.optim.LBFGS``, in its order: why to stop, or None."""
+    if n_iter == max_iter:
+        return "tolerance_grad" if known and grad_max <= tolerance_grad else "max_iter"
+    if evals >= max_eval:
+        return "tolerance_grad" if known and grad_max <= tolerance_grad else "max_eval"
+    if grad_max <= tolerance_grad:
+        return "tolerance_grad"
+    if max_abs(mul(d, t)) <= tolerance_change:
+        return "tolerance_change" if t > 0 else "line_search"
+    if abs(value - prev_value) < tolerance_change:
+        return "tolerance_change"
+    return None
+
+
+def warn_nonfinite(name: str, where: str = "along the search direction") -> None:
+    warnings.warn(f"{name}: the closure returned a non-finite loss or gradient at every point tried {where}; "
+                  "the parameters were left where the iteration began, and the next step restarts from "
+                  "steepest descent", RuntimeWarning, stacklevel=5)

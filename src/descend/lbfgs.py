@@ -1,0 +1,235 @@
+r"""L-BFGS without torch's limits: parameter groups, weight decay, maximize, non-finite values.
+
+One call of ``step(closure)`` runs up to ``max_iter`` iterations of limited-memory BFGS on
+
+.. math::
+   \phi(\theta) = s\,f(\theta) + \sum_g \tfrac{\lambda_g}{2}\lVert\theta_g\rVert^2,
+   \qquad s = -1 \text{ when maximizing, else } 1,
+
+where f is the closure's loss and λ_g the ``weight_decay`` of group g. Each iteration k, with
+g_k = ∇φ(θ_k), s_i = θ_{i+1} − θ_i and y_i = g_{i+1} − g_i for the last m = ``history_size``
+pairs with y_iᵀs_i > 10⁻¹⁰ (Nocedal & Wright, *Numerical Optimization*, Alg. 7.4):
+
+.. math::
+   \begin{aligned}
+   &q \leftarrow -g_k;\quad \text{for } i = k-1, \dots, k-m:\ \
+      \alpha_i \leftarrow \rho_i s_i^\top q,\ q \leftarrow q - \alpha_i y_i
+      \qquad (\rho_i = 1 / y_i^\top s_i)\\
+   &r \leftarrow \gamma_k q,\quad \gamma_k = \frac{s_{k-1}^\top y_{k-1}}{y_{k-1}^\top y_{k-1}};\quad
+     \text{for } i = k-m, \dots, k-1:\ \ \beta \leftarrow \rho_i y_i^\top r,\
+      r \leftarrow r + (\alpha_i - \beta) s_i\\
+   &d_k \leftarrow r \quad (d_k = -g_k \text{ on the first iteration}),\qquad
+     \theta_{k+1} \leftarrow \theta_k + t_k d_k
+   \end{aligned}
+
+with t_k from the strong Wolfe line search of :mod:`descend.linesearch` (``line_search_fn=
+"strong_wolfe"``), or t_k = lr (and lr·min(1, 1/‖g_0‖₁) on the very first iteration) without
+one. A call stops when ``max_iter`` iterations or ``max_eval`` evaluations are spent, when
+‖g‖_∞ ≤ ``tolerance_grad``, when g_kᵀd_k > −``tolerance_change``, or when ‖t_k d_k‖_∞ or
+|φ_{k+1} − φ_k| fall below ``tolerance_change``. The next call continues with the memory.
+
+With one parameter group, no weight decay and no maximize, this is ``torch.optim.LBFGS``
+operation for operation (its state is laid out the same way, so either loads the other's
+checkpoints), quirks included: without a line search the last iteration of a call does not
+evaluate the closure at its new point, and the first trial step of the first iteration is
+lr·min(1, 1/‖g‖₁) also with the line search.
+
+Differences from torch:
+
+- Several parameter groups, which must agree on every solver setting; ``weight_decay`` may
+  differ per group (the usual "no decay on biases"), and is part of φ, so the line search
+  sees the penalty as well as the gradient. Only ``decay="coupled"`` is meaningful; ``l1``
+  must be 0 (φ must be smooth).
+- ``maximize``; parameters on several devices or of several dtypes; DTensor parameters
+  (reductions are global, see :mod:`descend.closure`).
+- ``c1`` and ``c2`` of the line search are arguments.
+- A non-finite value at a trial point makes the line search step back (torch would make the
+  parameters NaN). Without a line search, a non-finite value after a step halves the step
+  until the value is finite. If no finite point is found, the parameters stay where the
+  iteration began, a ``RuntimeWarning`` says so, and the next call starts afresh from steepest
+  descent. (Without a line search the last step of a call is not evaluated, as in torch, so it
+  cannot be checked.)
+- A call that raises (the closure throws) leaves the parameters and the state as they were.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from descend import closure as vec
+from descend.closure import ClosureSolver, IterationCallback, Objective, Outcome, Scalar, Vector, _check_int
+from descend.linesearch import move
+
+__all__ = ["LBFGS", "lbfgs"]
+
+
+def _two_loop(grad: Vector, old_dirs: list[Vector], old_stps: list[Vector], ro: list[Tensor],
+              H_diag: Scalar) -> Vector:
+    """−H_k g_k by the two-loop recursion (y_i are ``old_dirs``, s_i ``old_stps``)."""
+    num_old = len(old_dirs)
+    al: list[Any] = [None] * num_old
+    q = vec.neg(grad)
+    for i in range(num_old - 1, -1, -1):
+        al[i] = vec.dot(old_stps[i], q) * ro[i]
+        vec.add_(q, old_dirs[i], -al[i])
+    r = vec.mul(q, H_diag)
+    for i in range(num_old):
+        be_i = vec.dot(old_dirs[i], r) * ro[i]
+        vec.add_(r, old_stps[i], al[i] - be_i)
+    return r
+
+
+def lbfgs(objective: Objective, state: dict[str, Any], *, lr: float, max_iter: int, max_eval: int,
+          tolerance_grad: float, tolerance_change: float, history_size: int, line_search_fn: str | None,
+          c1: float = 1e-4, c2: float = 0.9, callback: IterationCallback | None = None,
+          name: str = "LBFGS") -> tuple[dict[str, Any], Outcome]:
+    """Functional L-BFGS: up to ``max_iter`` iterations on ``objective``, from ``state``.
+
+    ``state`` is not modified; the new state is returned with the :class:`~descend.closure.Outcome`.
+    Its keys are those of ``torch.optim.LBFGS`` (vectors as lists of pieces): ``func_evals``,
+    ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``,
+    ``prev_loss``; and ``restart`` after a failure on non-finite values.
+    """
+    state = dict(state)
+    state.setdefault("func_evals", 0)
+    state.setdefault("n_iter", 0)
+
+    orig_loss, loss, flat_grad = objective()
+    current_evals = 1
+    state["func_evals"] += 1
+    grad_max = vec.max_abs(flat_grad)
+    if not vec.is_finite(loss) or not vec.is_finite(grad_max):
+        warnings.warn(f"{name}: the closure returned a non-finite loss or gradient at the current parameters; "
+                      "nothing was changed", RuntimeWarning, stacklevel=4)
+        return state, Outcome(orig_loss, "nonfinite", loss, flat_grad, 0, current_evals)
+    if grad_max <= tolerance_grad:
+        return state, Outcome(orig_loss, "tolerance_grad", loss, flat_grad, 0, current_evals)
+
+    d: Vector | None = state.get("d")
+    t: Scalar = state.get("t", lr)
+    old_dirs: list[Vector] = list(state.get("old_dirs") or [])
+    old_stps: list[Vector] = list(state.get("old_stps") or [])
+    ro: list[Tensor] = list(state.get("ro") or [])
+    H_diag: Scalar = state.get("H_diag", 1)
+    prev_flat_grad: Vector | None = state.get("prev_flat_grad")
+    prev_loss: float | None = state.get("prev_loss")
+    fresh = bool(state.pop("restart", False)) or d is None or prev_flat_grad is None
+
+    reason = "max_iter"
+    known = True  # whether loss and flat_grad are those of the current parameters
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        state["n_iter"] += 1
+
+        # the direction
+        first = state["n_iter"] == 1 or fresh
+        if first:
+            d = vec.neg(flat_grad)
+            old_dirs, old_stps, ro, H_diag = [], [], [], 1
+        else:
+            assert d is not None and prev_flat_grad is not None
+            y = vec.sub(flat_grad, prev_flat_grad)
+            s = vec.mul(d, t)
+            ys = vec.dot(y, s)
+            if ys > 1e-10:
+                if len(old_dirs) == history_size:
+                    old_dirs.pop(0)
+                    old_stps.pop(0)
+                    ro.pop(0)
+                old_dirs.append(y)
+                old_stps.append(s)
+                ro.append(1.0 / ys)
+                H_diag = ys / vec.dot(y, y)
+            d = _two_loop(flat_grad, old_dirs, old_stps, ro, H_diag)
+        prev_flat_grad = vec.clone(flat_grad)
+        prev_loss = loss
+
+        # the step length
+        t = vec.first_step(flat_grad, lr) if first else lr
+        fresh = False
+        gtd = vec.dot(flat_grad, d)
+        if gtd > -tolerance_change:
+            reason = "no_descent"
+            break
+
+        step = move(objective, d, t, loss, flat_grad, gtd, line_search_fn=line_search_fn, c1=c1, c2=c2,
+                    tolerance_change=tolerance_change, budget=max_eval - current_evals, evaluate=n_iter != max_iter)
+        current_evals += step.evaluations
+        state["func_evals"] += step.evaluations
+        loss, flat_grad, t, known = step.value, step.grad, step.t, step.known
+        if step.failed:
+            state["restart"] = True
+            reason = "nonfinite"
+            vec.warn_nonfinite(name)
+            break
+        if known:
+            grad_max = vec.max_abs(flat_grad)
+        if callback is not None and callback(loss if known else None, flat_grad if known else None):
+            reason = "callback"
+            break
+        stop = vec.stop_reason(n_iter=n_iter, max_iter=max_iter, evals=current_evals, max_eval=max_eval,
+                               grad_max=grad_max, tolerance_grad=tolerance_grad, d=d, t=t, value=loss,
+                               prev_value=prev_loss, tolerance_change=tolerance_change, known=known)
+        if stop is not None:
+            reason = stop
+            break
+
+    state.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=H_diag,
+                 prev_flat_grad=prev_flat_grad, prev_loss=prev_loss)
+    return state, Outcome(orig_loss, reason, loss if known else None, flat_grad if known else None, n_iter,
+                          current_evals)
+
+
+class LBFGS(ClosureSolver):
+    r"""L-BFGS over any number of parameter groups, with weight decay and maximize.
+
+    Args:
+        params: tensors, parameter-group dicts, or ``(name, tensor)`` pairs.
+        lr: the step length (the first trial step of each line search; default 1).
+        max_iter: most iterations per ``step`` (default 20).
+        max_eval: most closure evaluations per ``step`` (default ``max_iter * 5 // 4``).
+        tolerance_grad: stop when every gradient component is at most this in size (default 1e-7).
+        tolerance_change: stop when the step or the change in objective is below this (default 1e-9).
+        history_size: the number m of correction pairs kept (default 100).
+        line_search_fn: ``None`` (fixed steps of lr) or ``"strong_wolfe"``.
+        c1, c2: the constants of the strong Wolfe conditions (default 1e-4 and 0.9, torch's).
+        weight_decay: λ ≥ 0, per group: the objective gains λ/2·‖θ‖² (default 0).
+        decay: ``"coupled"`` only (weight decay is part of the objective).
+        maximize: maximize the closure's loss instead of minimizing it.
+
+    ``step(closure)`` needs a closure that clears the gradients, computes the loss, calls
+    ``backward()`` and returns the loss; it returns the loss of its first evaluation. The
+    algorithm, and how it relates to ``torch.optim.LBFGS``, is in the docstring of
+    :mod:`descend.lbfgs`.
+    """
+
+    _shared = ClosureSolver._shared + ("history_size",)
+    _vector_keys = ("d", "prev_flat_grad")
+    _history_keys = ("old_dirs", "old_stps")
+
+    def __init__(self, params: Any, lr: float | Tensor = 1, max_iter: int = 20, max_eval: int | None = None,
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
+                 line_search_fn: str | None = None, *, c1: float = 1e-4, c2: float = 0.9, weight_decay: float = 0,
+                 decay: str = "coupled", l1: float = 0, maximize: bool = False) -> None:
+        defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
+                        tolerance_change=tolerance_change, history_size=history_size, line_search_fn=line_search_fn,
+                        c1=c1, c2=c2, weight_decay=weight_decay, decay=decay, l1=l1, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        _check_int("history_size", group["history_size"], 1)
+
+    def _solve(self, objective: Objective, state: dict[str, Any], settings: dict[str, Any],
+               callback: Callable[..., Any] | None) -> tuple[dict[str, Any], Outcome]:
+        return lbfgs(objective, state, lr=settings["lr"], max_iter=settings["max_iter"],
+                     max_eval=settings["max_eval"], tolerance_grad=settings["tolerance_grad"],
+                     tolerance_change=settings["tolerance_change"], history_size=settings["history_size"],
+                     line_search_fn=settings["line_search_fn"], c1=settings["c1"], c2=settings["c2"],
+                     callback=callback, name=type(self).__name__)
+
