@@ -46,7 +46,7 @@ def adam(
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -61,17 +61,20 @@ def adam(
     """Functional Adam over lists of tensors (state updated in place; ``steps`` are
     float32 scalar tensors, incremented here)."""
     impl = {"single": _single_tensor_adam, "foreach": _multi_tensor_adam, "fused": _fused_adam}[implementation]
-    impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=float(lr), beta1=float(beta1),
+    # A tensor lr stays a tensor where torch keeps it one (its step size is then computed in the
+    # tensor's dtype, float32 for torch.tensor(0.01)): parity includes that rounding.
+    lr = float(lr) if implementation == "foreach" else lr
+    impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
          beta2=float(beta2), eps=eps, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, l1=l1,
          decay=decay, base_lr=base_lr)
 
 
 def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
-                        lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
+                        lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
                         weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
     """The reference: one tensor at a time, each line a line of the math above."""
-    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
+    factor = regularization.decay_factor_as_torch(decay, lr, base_lr, weight_decay)
     threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
     for i, original in enumerate(params):
         param = original
@@ -81,7 +84,7 @@ def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         steps[i] += 1
         if decay == "coupled":
             grad = regularization.coupled_gradient(param, grad, weight_decay, l1)
-        elif factor != 1.0:
+        elif isinstance(factor, Tensor) or factor != 1.0:
             param.mul_(factor)
         if torch.is_complex(param):
             # the moments of a complex parameter are those of its real and imaginary parts
@@ -99,7 +102,7 @@ def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        param.addcdiv_(exp_avg, denom, value=-step_size)  # type: ignore[arg-type]
         regularization.prox_l1_(original, threshold)
 
 
@@ -143,7 +146,7 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
 
 def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
-                lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
+                lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
                 weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
     """torch's fused Adam/AdamW kernels. Coupled decay is the Adam kernel's own; every
     decoupled mode is the AdamW kernel's θ·(1 − lr·c) with c from
@@ -188,7 +191,7 @@ class Adam(RegularizedOptimizer):
         l1: λ₁ ≥ 0, L1 regularization (default 0).
         decay: ``"coupled"`` (Adam's default: L2, torch's Adam), ``"decoupled"`` (AdamW's
             default: torch's AdamW), ``"independent"`` (the AdamW paper) or ``"fixed"``.
-        maximize, foreach, fused, nonfinite: as for :class:`descend.SGD`.
+        maximize, foreach, fused, nonfinite, flat: as for :class:`descend.SGD`.
 
     The update rule is in the docstring of :mod:`descend.adam`.
     """
@@ -196,10 +199,12 @@ class Adam(RegularizedOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, l1: float = 0,
                  decay: str = "coupled", maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, nonfinite: str = "ignore") -> None:
+                 fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l1=l1,
                         decay=decay, maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(params, defaults, nonfinite=nonfinite)
+        if flat:
+            self._use_flat_storage()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         betas = group["betas"]
@@ -243,6 +248,7 @@ class AdamW(Adam):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, l1: float = 0,
                  decay: str = "decoupled", maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, nonfinite: str = "ignore") -> None:
+                 fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l1=l1,
-                         decay=decay, maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite)
+                         decay=decay, maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite,
+                         flat=flat)

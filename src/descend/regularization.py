@@ -66,6 +66,15 @@ def decay_factor(decay: str, lr: float | Tensor, base_lr: float, weight_decay: f
     return 1.0 - decoupled_scale(decay, lr, base_lr) * weight_decay
 
 
+def decay_factor_as_torch(decay: str, lr: float | Tensor, base_lr: float, weight_decay: float) -> float | Tensor:
+    """:func:`decay_factor`, except that torch's decoupled rule with a tensor lr computes
+    1 − lr·λ as a tensor in lr's dtype (float32 for ``torch.tensor(0.01)``); the reference
+    implementations use this to reproduce torch to the last bit."""
+    if decay == "decoupled" and weight_decay != 0 and isinstance(lr, Tensor):
+        return 1 - lr * weight_decay
+    return decay_factor(decay, lr, base_lr, weight_decay)
+
+
 def l1_threshold(decay: str, lr: float | Tensor, base_lr: float, l1: float) -> float:
     """The soft-threshold of the L1 proximal step, s·λ₁ (0 for coupled L1)."""
     if decay == "coupled" or l1 == 0:
