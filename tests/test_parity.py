@@ -36,9 +36,9 @@ SGD_GRID = [
 def test_sgd_matches_torch(impl: str, dtype: torch.dtype) -> None:
     ours_flags, torch_flags = IMPLS[impl]
     for kw in SGD_GRID:
-        lr = 0.05
-        theirs, _ = train(lambda p: torch.optim.SGD(p, lr=lr, **kw, **torch_flags), dtype=dtype)
-        ours, _ = train(lambda p: descend.SGD(p, lr=lr, **kw, **ours_flags), dtype=dtype)
+
+        theirs, _ = train(lambda p, kw=kw: torch.optim.SGD(p, lr=0.05, **kw, **torch_flags), dtype=dtype)
+        ours, _ = train(lambda p, kw=kw: descend.SGD(p, lr=0.05, **kw, **ours_flags), dtype=dtype)
         assert_same_run(ours, theirs, dtype)
 
 
@@ -56,8 +56,8 @@ def test_adam_matches_torch(impl: str, dtype: torch.dtype, pair: tuple) -> None:
     torch_cls, our_cls = pair
     ours_flags, torch_flags = IMPLS[impl]
     for kw in ADAM_GRID:
-        theirs, _ = train(lambda p: torch_cls(p, lr=0.01, **kw, **torch_flags), dtype=dtype)
-        ours, _ = train(lambda p: our_cls(p, lr=0.01, **kw, **ours_flags), dtype=dtype)
+        theirs, _ = train(lambda p, kw=kw: torch_cls(p, lr=0.01, **kw, **torch_flags), dtype=dtype)
+        ours, _ = train(lambda p, kw=kw: our_cls(p, lr=0.01, **kw, **ours_flags), dtype=dtype)
         assert_same_run(ours, theirs, dtype)
 
 

@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from descend import regularization
-from descend.optimizer import GroupBatch, RegularizedOptimizer, _allowed, check_number
+from descend.optimizer import GroupBatch, RegularizedOptimizer, _allowed, check_number, grouped_by_device_and_dtype
 
 __all__ = ["Adam", "AdamW", "adam"]
 
@@ -63,7 +62,6 @@ def adam(
     impl = {"single": _single_tensor_adam, "foreach": _multi_tensor_adam, "fused": _fused_adam}[implementation]
     # A tensor lr stays a tensor where torch keeps it one (its step size is then computed in the
     # tensor's dtype, float32 for torch.tensor(0.01)): parity includes that rounding.
-    lr = float(lr) if implementation == "foreach" else lr
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
          beta2=float(beta2), eps=eps, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, l1=l1,
          decay=decay, base_lr=base_lr)
@@ -108,17 +106,17 @@ def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 
 def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
-                       lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
+                       lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
                        weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype."""
+    lr = float(lr)
     factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
     threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
     lists: list[list[Any]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     if amsgrad:
         lists.append(max_exp_avg_sqs)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    for tensors, _ in grouped.values():
-        p, g, m, v, t = (list(x) for x in tensors[:5])
+    for tensors, _ in grouped_by_device_and_dtype(lists):
+        p, g, m, v, t = tensors[:5]
         torch._foreach_add_(t, 1)
         if maximize:
             g = list(torch._foreach_neg(g))
@@ -133,7 +131,7 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         neg_step_sizes = [-lr / (1 - beta1**s) for s in step_values]
         bias_correction2_sqrts = [(1 - beta2**s) ** 0.5 for s in step_values]
         if amsgrad:
-            vmax = list(tensors[5])
+            vmax = tensors[5]
             torch._foreach_maximum_(vmax, v)
             denom = torch._foreach_sqrt(vmax)
         else:
@@ -155,10 +153,9 @@ def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     lists: list[list[Any]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     if amsgrad:
         lists.append(max_exp_avg_sqs)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-    for tensors, _ in grouped.values():
-        p, g, m, v, t = (list(x) for x in tensors[:5])
-        vmax = list(tensors[5]) if amsgrad else []
+    for tensors, _ in grouped_by_device_and_dtype(lists):
+        p, g, m, v, t = tensors[:5]
+        vmax = tensors[5] if amsgrad else []
         torch._foreach_add_(t, 1)
         if decay == "coupled":
             kernel = torch._fused_adam_
@@ -210,8 +207,11 @@ class Adam(RegularizedOptimizer):
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise _allowed("betas", betas, "a pair (beta1, beta2)")
-        check_number("beta1 (betas[0])", betas[0], low=0, high=1)
-        check_number("beta2 (betas[1])", betas[1], low=0, high=1)
+        for i in (0, 1):
+            try:
+                check_number(f"beta{i + 1}", betas[i], low=0, high=1)
+            except ValueError:
+                raise _allowed("betas", betas, f"beta{i + 1} = betas[{i}] a number in [0, 1)") from None
         check_number("eps", group["eps"], low=0)
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -15,14 +15,19 @@ before anything changes; only then does :meth:`_update` run the update rule of e
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
 from descend import regularization
+
+if TYPE_CHECKING:
+    from descend.flat import FlatStorage
 
 NONFINITE_MODES = ("ignore", "skip", "raise")
 IMPLEMENTATIONS = ("fused", "foreach", "single")
@@ -41,11 +46,13 @@ def _allowed(name: str, value: Any, allowed: str) -> ValueError:
 def check_number(name: str, value: Any, *, low: float, high: float | None = None,
                  low_open: bool = False, high_open: bool = True) -> None:
     """Raise ValueError unless ``value`` is a finite real number in the stated interval."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise _allowed(name, value, "a real number")
     try:
-        x = _value(value)
+        x = _value(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, RuntimeError):
         raise _allowed(name, value, "a real number") from None
-    if isinstance(value, bool) or not math.isfinite(x):
+    if not math.isfinite(x):
         raise _allowed(name, value, "a finite real number")
     lo_ok = x > low if low_open else x >= low
     hi_ok = high is None or (x < high if high_open else x <= high)
@@ -195,28 +202,34 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 )
 
     def _prepare(self) -> list[GroupBatch]:
+        flat = self._flat_storage()
+        if flat is not None:
+            return flat.prepare()
         batches = []
+        state_of, check_state = self.state.get, self._check_state
         for group in self.param_groups:
             self._validate(group)
             batch = GroupBatch(group)
-            for p in group["params"]:
-                if p.grad is None:
+            params, grads, states = batch.params, batch.grads, batch.states
+            for p in group["params"]:  # the hot loop of a step over many small tensors: keep it lean
+                grad = p.grad
+                if grad is None:
                     continue  # as in torch.optim: a parameter without gradient is not touched
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients "
                         f"({self._describe_param(p)} has one); nothing was changed"
                     )
-                state = self.state.get(p)
+                state = state_of(p)
                 if not state:
                     state = self._new_state(p, group)
                     batch.new[p] = state
                 else:
-                    self._check_state(p, state)
-                batch.params.append(p)
-                batch.grads.append(p.grad)
-                batch.states.append(state)
-            if batch.params:
+                    check_state(p, state)
+                params.append(p)
+                grads.append(grad)
+                states.append(state)
+            if params:
                 batch.implementation = self._implementation(batch)
             batches.append(batch)
         return batches
@@ -248,9 +261,11 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches = self._prepare()
+        flat = self._flat_storage()
         if self.nonfinite != "ignore" and not self._grads_are_finite(batches):
             if self.nonfinite == "raise":
-                culprit = self._describe_param(self._first_nonfinite(batches))
+                first = flat.first_nonfinite(batches) if flat is not None else self._first_nonfinite(batches)
+                culprit = self._describe_param(first)
                 raise FloatingPointError(
                     f"non-finite gradient in {culprit}; nothing was changed (nonfinite='raise')")
             self.skipped_steps += 1
@@ -261,7 +276,33 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             for p, state in batch.new.items():
                 if state:  # as torch.optim: no entry for a parameter that keeps no state
                     self.state[p] = state
+        if flat is not None:
+            flat.commit(batches)
         return loss
+
+    # --- flat storage (descend.flat) ---------------------------------------------------
+
+    def _use_flat_storage(self) -> None:
+        """Keep parameters, gradients and state in flat buffers (``flat=True``)."""
+        from descend.flat import FlatStorage
+
+        self._flat = FlatStorage(self)
+
+    def _flat_storage(self) -> FlatStorage | None:
+        return cast("FlatStorage | None", self.__dict__.get("_flat"))
+
+    @property
+    def flat(self) -> bool:
+        """Whether parameters, gradients and state live in flat buffers (:mod:`descend.flat`)."""
+        return self._flat_storage() is not None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; with flat storage, ``set_to_none=False`` zeroes each gradient buffer at once."""
+        flat = self._flat_storage()
+        if flat is None or set_to_none:
+            super().zero_grad(set_to_none)
+        else:
+            flat.zero_grad()
 
     def _update(self, batch: GroupBatch, implementation: str) -> None:
         raise NotImplementedError
@@ -270,27 +311,68 @@ class RegularizedOptimizer(torch.optim.Optimizer):
 
     def _implementation(self, batch: GroupBatch) -> str:
         """torch's fused kernels where they compute the same math, else multi-tensor
-        (foreach) kernels, else the per-tensor reference. ``fused=`` / ``foreach=`` force a path."""
+        (foreach) kernels, else the per-tensor reference. ``fused=`` / ``foreach=`` force a path.
+
+        Fused also needs each parameter, its gradient and its state in one dense layout
+        (:func:`_one_dense_layout`); where they differ the default is foreach."""
         group, params = batch.group, batch.params
-        plain = all(type(p) in _PLAIN_TENSOR_TYPES for p in params)
-        complex_ = any(torch.is_complex(p) for p in params)
+        # one pass over the parameters, in C where possible: this runs at every step
+        plain = set(map(type, params)) <= _PLAIN_TENSOR_TYPES_SET
+        kinds = {(d.type, t) for d, t in map(_DEVICE_AND_DTYPE, params)}
+        complex_ = any(t.is_complex for _, t in kinds)
+        fused_devices, foreach_devices = _fused_devices(), _foreach_devices()
         fused_ok = ("fused" in self._fast_paths and plain and not complex_
-                    and all(p.device.type in _fused_devices() and torch.is_floating_point(p) for p in params))
+                    and all(d in fused_devices and t.is_floating_point for d, t in kinds))
         if group.get("fused"):
             if not fused_ok:
                 raise RuntimeError(
                     "fused=True needs floating-point, non-complex tensors on a device with fused kernels "
-                    f"({', '.join(_fused_devices())})")
+                    f"({', '.join(fused_devices)})")
+            if not _one_dense_layout(batch):
+                raise RuntimeError(
+                    "fused=True needs each parameter, its gradient and its state in one dense memory layout "
+                    "(torch's fused kernels walk raw memory); use foreach=True, or make them contiguous")
             return "fused"
         if group.get("foreach") is False:
             return "single"
-        foreach_ok = "foreach" in self._fast_paths and not complex_ and all(
-            p.device.type in _foreach_devices() for p in params)
+        foreach_ok = "foreach" in self._fast_paths and not complex_ and all(d in foreach_devices for d, _ in kinds)
         if group.get("foreach"):
             return "foreach" if foreach_ok else "single"
-        if fused_ok:
+        if fused_ok and _one_dense_layout(batch):
             return "fused"
         return "foreach" if foreach_ok and plain else "single"
+
+
+_PLAIN_TENSOR_TYPES_SET = frozenset(_PLAIN_TENSOR_TYPES)
+_DEVICE_AND_DTYPE = operator.attrgetter("device", "dtype")
+
+
+def _one_dense_layout(batch: GroupBatch) -> bool:
+    """Whether every parameter, its gradient and its state tensors share one dense,
+    non-overlapping layout. torch's fused kernels (on CPU at least) index all of them as
+    one flat array, so a transposed gradient of a contiguous parameter (or a strided
+    parameter with gaps) would silently be updated with the wrong elements."""
+    contiguous = Tensor.is_contiguous
+    values = [v for state in batch.states for v in state.values()]
+    if (all(map(contiguous, batch.params)) and all(map(contiguous, batch.grads))
+            and all(isinstance(v, Tensor) and contiguous(v) for v in values)):
+        return True  # the common case, checked in C
+    for p, g, state in zip(batch.params, batch.grads, batch.states):
+        stride = p.stride()
+        if not _dense(p) or g.stride() != stride or any(
+                v.stride() != stride for v in state.values() if isinstance(v, Tensor) and v.dim() > 0):
+            return False
+    return True
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dimensions is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _fused_devices() -> list[str]:
@@ -301,6 +383,13 @@ def _fused_devices() -> list[str]:
 def _foreach_devices() -> list[str]:
     from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
     return list(_get_foreach_kernels_supported_devices()) + ["cpu"]
+
+
+def grouped_by_device_and_dtype(lists: list[list[Any]]) -> list[tuple[list[list[Any]], list[int]]]:
+    """torch's grouping of parallel tensor lists by (device, dtype) of the first list, as
+    plain lists, with the indices of each bucket's entries in the input lists."""
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
+    return [([list(t) for t in tensors], list(indices)) for tensors, indices in grouped.values()]
 
 
 def _by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:

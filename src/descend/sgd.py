@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from descend import regularization
-from descend.optimizer import RegularizedOptimizer, _allowed, check_number
+from descend.optimizer import RegularizedOptimizer, _allowed, check_number, grouped_by_device_and_dtype
 
 __all__ = ["SGD", "sgd"]
 
@@ -90,9 +89,9 @@ def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffer
     factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
     threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
     lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
-    for tensors, indices in grouped.values():
-        device_params, device_grads = list(tensors[0]), list(tensors[1])
+    for tensors, indices in grouped_by_device_and_dtype(lists):
+        device_params: list[Tensor] = tensors[0]
+        device_grads: list[Tensor] = tensors[1]
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
         if decay == "coupled":
@@ -125,9 +124,9 @@ def _fused_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
     factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
     threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
     lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
-    for tensors, indices in grouped.values():
-        device_params, device_grads = list(tensors[0]), list(tensors[1])
+    for tensors, indices in grouped_by_device_and_dtype(lists):
+        device_params: list[Tensor] = tensors[0]
+        device_grads: list[Tensor] = tensors[1]
         kernel_decay = 0.0
         if decay == "coupled":
             kernel_decay = weight_decay
@@ -176,6 +175,8 @@ class SGD(RegularizedOptimizer):
             one that applies.
         nonfinite: ``"ignore"`` (default), ``"skip"`` or ``"raise"`` for steps whose
             gradients hold NaN or inf.
+        flat: keep parameters, gradients and state in one buffer per device and dtype, so
+            that one kernel steps many small tensors (see :mod:`descend.flat`).
 
     The update rule is in the docstring of :mod:`descend.sgd`.
     """
@@ -183,11 +184,13 @@ class SGD(RegularizedOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, l1: float = 0, decay: str = "coupled",
                  maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 nonfinite: str = "ignore") -> None:
+                 nonfinite: str = "ignore", flat: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, l1=l1, decay=decay, maximize=maximize, foreach=foreach,
                         fused=fused)
         super().__init__(params, defaults, nonfinite=nonfinite)
+        if flat:
+            self._use_flat_storage()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("momentum", group["momentum"], low=0, high=1)
