@@ -193,6 +193,9 @@ class Adam(RegularizedOptimizer):
     The update rule is in the docstring of :mod:`descend.adam`.
     """
 
+    _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _group_keys = ("betas", "eps", "amsgrad")
+
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, l1: float = 0,
                  decay: str = "coupled", maximize: bool = False, foreach: bool | None = None,

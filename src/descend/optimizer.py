@@ -156,7 +156,17 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         sd["skipped_steps"] = self.skipped_steps
         return sd
 
+    #: the state entries this optimizer keeps, and the group options that say which kind of
+    #: optimizer saved a state dict (checked by descend.checkpoint before loading).
+    _state_keys: tuple[str, ...] | None = None
+    _group_keys: tuple[str, ...] = ()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, after :func:`descend.checkpoint.aligned_state_dict` has
+        checked kinds, names, shapes and dtypes (a rejected state dict changes nothing)."""
+        from descend.checkpoint import aligned_state_dict
+
+        state_dict = aligned_state_dict(self, state_dict)
         skipped = state_dict.get("skipped_steps", 0)
         super().load_state_dict(state_dict)
         for group in self.param_groups:

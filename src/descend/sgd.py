@@ -181,6 +181,9 @@ class SGD(RegularizedOptimizer):
     The update rule is in the docstring of :mod:`descend.sgd`.
     """
 
+    _state_keys = ("momentum_buffer",)
+    _group_keys = ("momentum", "dampening", "nesterov")
+
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, l1: float = 0, decay: str = "coupled",
                  maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,

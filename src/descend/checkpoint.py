@@ -1,0 +1,98 @@
+"""Checks a state dict before an optimizer loads it.
+
+torch.optim's ``load_state_dict`` accepts an Adam state into SGD, moment buffers of the wrong
+shape and parameters in another order, and fails later (or never, and trains on garbage).
+:func:`aligned_state_dict` checks, before anything changes:
+
+- the number of groups and of parameters per group (as torch does);
+- parameter names, where both sides have them: the same names in another order are matched
+  by name; missing or unexpected names are an error that lists them;
+- the optimizer kind: state entries this optimizer does not keep (``exp_avg`` into SGD,
+  ``momentum_buffer`` into Adam), or a saved group without this optimizer's hyperparameters;
+- every state tensor against its parameter: shape and dtype (torch would cast silently).
+
+It returns a state dict in this optimizer's parameter order; a rejected one raises
+``ValueError`` saying what differs, and the optimizer is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_SCALAR_KEYS = ("step",)
+
+
+def _names(group: dict[str, Any]) -> list[str] | None:
+    names = group.get("param_names")
+    return list(names) if names is not None else None
+
+
+def _reorder_by_name(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Saved groups whose ``params`` ids are permuted to follow the current names."""
+    out = []
+    for gi, (saved, current) in enumerate(zip(saved_groups, groups, strict=True)):
+        saved_names, names = _names(saved), _names(current)
+        if saved_names is None or names is None or saved_names == names:
+            out.append(saved)
+            continue
+        missing = [n for n in names if n not in saved_names]
+        unexpected = [n for n in saved_names if n not in names]
+        if missing or unexpected or len(set(saved_names)) != len(saved_names):
+            raise ValueError(
+                f"parameter names of group {gi} differ: missing from the state dict {missing}, "
+                f"not in the optimizer {unexpected}")
+        position = {n: i for i, n in enumerate(saved_names)}
+        reordered = dict(saved)
+        reordered["params"] = [saved["params"][position[n]] for n in names]
+        reordered["param_names"] = names
+        out.append(reordered)
+    return out
+
+
+def aligned_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` checked against ``optimizer`` and put in its parameter order."""
+    kind = type(optimizer).__name__
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError(f"not an optimizer state dict (expected the keys 'state' and 'param_groups'), "
+                         f"got {type(state_dict).__name__}")
+    saved_groups, groups = state_dict["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, {kind} has {len(groups)}")
+    for gi, (saved, current) in enumerate(zip(saved_groups, groups, strict=True)):
+        if len(saved["params"]) != len(current["params"]):
+            raise ValueError(f"group {gi} of the state dict has {len(saved['params'])} parameters, "
+                             f"group {gi} of {kind} has {len(current['params'])}")
+        missing = [k for k in getattr(optimizer, "_group_keys", ()) if k not in saved]
+        if missing:
+            raise ValueError(f"group {gi} of the state dict lacks {missing}, which {kind} needs: "
+                             f"was it saved by another kind of optimizer?")
+    saved_groups = _reorder_by_name(saved_groups, groups)
+
+    allowed = getattr(optimizer, "_state_keys", None)
+    state = state_dict["state"]
+    for saved, current in zip(saved_groups, groups, strict=True):
+        names = _names(current)
+        for pi, (pid, param) in enumerate(zip(saved["params"], current["params"], strict=True)):
+            entry = state.get(pid)
+            if not entry:
+                continue
+            label = repr(names[pi]) if names else f"{pi} of its group (shape {tuple(param.shape)})"
+            if allowed is not None:
+                foreign = sorted(set(entry) - set(allowed))
+                if foreign:
+                    raise ValueError(f"the state of parameter {label} holds {foreign}, which {kind} does not keep: "
+                                     f"was it saved by another kind of optimizer?")
+            for key, value in entry.items():
+                if not torch.is_tensor(value) or key in _SCALAR_KEYS:
+                    continue
+                if value.shape != param.shape:
+                    raise ValueError(f"state {key!r} of parameter {label} has shape {tuple(value.shape)}, "
+                                     f"the parameter has shape {tuple(param.shape)}")
+                if value.dtype != param.dtype:
+                    raise ValueError(f"state {key!r} of parameter {label} has dtype {value.dtype}, "
+                                     f"the parameter has dtype {param.dtype}")
+    out = dict(state_dict)
+    out["param_groups"] = saved_groups
+    return out
