@@ -1,0 +1,82 @@
+"""The ``descend`` command line: ``descend demo``, ``descend sweep`` (and ``descend bench``
+where that module is installed).
+
+Each subcommand lives in its own module, which exposes ``HELP`` (one line, optional),
+``add_arguments(parser)`` and ``run(args) -> int``; this module only wires them together.
+The command line stands on the public API; the demo's own dependencies (scikit-learn,
+matplotlib, tqdm: the ``descend[demo]`` extra) are imported when a command runs, never by
+``import descend``.
+
+Exit codes: 0 success, 1 an error reported in one line (an output directory that cannot be
+written, a missing extra), 2 bad usage (argparse), 130 interrupted (Ctrl-C; what was
+finished is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from types import ModuleType
+
+import descend
+from descend._digits import CommandError
+
+#: subcommand → module; a module that fails to import (``bench`` lives elsewhere) is left out.
+SUBCOMMANDS = {"demo": "descend.demo", "sweep": "descend.sweep", "bench": "descend.bench"}
+_REQUIRED = {"demo", "sweep"}
+
+
+def _load(name: str) -> ModuleType | None:
+    module_name = SUBCOMMANDS[name]
+    if name in _REQUIRED:
+        return importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # an optional subcommand that cannot be imported is simply absent
+        return None
+    if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
+        return None
+    return module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="descend",
+        description="descend: PyTorch optimizers in which regularization is explicit, correct and fast.",
+        epilog="Run 'descend COMMAND --help' for a command's options. The commands need the demo extra: "
+        "pip install 'descend[demo]'.",
+    )
+    parser.add_argument("--version", action="version", version=f"descend {descend.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        module = _load(name)
+        if module is None:
+            continue
+        doc = (module.__doc__ or "").strip()
+        summary = getattr(module, "HELP", doc.splitlines()[0] if doc else name)
+        sub = subparsers.add_parser(name, help=summary, description=doc or summary,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with code 2 and a usage message on bad input
+    args.argv = argv
+    try:
+        return int(args._run(args))
+    except CommandError as e:
+        print(f"descend {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"descend {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
