@@ -565,6 +565,52 @@ def check_dcp_resume(name: str, shared: Path, sharded: bool) -> Callable[[Check]
     return run
 
 
+# --- the examples -------------------------------------------------------------------------
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_example(name: str) -> Callable[[Check], None]:
+    """Run examples/NAME.py in this job's ranks, as torchrun would (its process group is
+    this one), and read the claims it prints (``...: True``): all must hold."""
+
+    def run(c: Check) -> None:
+        import io
+        import re
+        import runpy
+
+        env = {"RANK": str(RANK), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(RANK),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+        saved_env = {k: os.environ.get(k) for k in env}
+        init, destroy = dist.init_process_group, dist.destroy_process_group
+        out = io.StringIO()
+        try:
+            os.environ.update(env)
+            dist.init_process_group = lambda *a, **k: None  # type: ignore[assignment]
+            dist.destroy_process_group = lambda *a, **k: None  # type: ignore[assignment]
+            with contextlib.redirect_stdout(out):
+                runpy.run_path(str(REPO / "examples" / f"{name}.py"), run_name="__main__")
+        finally:
+            dist.init_process_group, dist.destroy_process_group = init, destroy  # type: ignore[assignment]
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        text = out.getvalue()
+        c.info["output"] = text[-1500:]
+        claims = re.findall(r"^(.*): (True|False)\b", text, flags=re.M)
+        if RANK == 0:
+            c.expect("prints at least 3 claims", len(claims) >= 3, text)
+        else:
+            c.expect("only rank 0 prints", not claims, text)
+        for claim, verdict in claims:
+            c.expect(claim, verdict == "True", text)
+
+    return run
+
+
 # --- jobs -------------------------------------------------------------------------------
 
 
@@ -586,6 +632,8 @@ def job_train(rec: Recorder, shared: Path) -> None:
     rec.run("fsdp2/param_groups-explain", check_fsdp_names)
     for name in DCP_SPECS:
         rec.run(f"dcp/save-2-ranks-{name}", check_dcp_save(name, shared))
+    for name in ("ddp", "fsdp2"):
+        rec.run(f"examples/{name}", check_example(name))
 
 
 def job_resume(rec: Recorder, shared: Path) -> None:

@@ -204,3 +204,9 @@ def test_distributed_checkpoint_resumes_in_fresh_processes(jobs: Jobs, spec: str
 @pytest.mark.parametrize("spec", DCP_SPECS)
 def test_distributed_checkpoint_from_two_ranks_loads_into_one(jobs: Jobs, spec: str, model: str) -> None:
     assert_check(jobs, "resume", "resume1", f"dcp/resume-1-rank-{model}-{spec}")
+
+
+@pytest.mark.parametrize("example", ["ddp", "fsdp2"])
+def test_examples_run_in_two_ranks_and_their_claims_hold(jobs: Jobs, example: str) -> None:
+    """examples/ddp.py and examples/fsdp2.py in two ranks (the group torchrun would make)."""
+    assert_check(jobs, "train", "train", f"examples/{example}")
