@@ -7,8 +7,11 @@ model by rule and :func:`explain` shows what each parameter gets.
 """
 
 from descend.adam import Adam, AdamW
+from descend.cg import CG, ConjugateGradient
 from descend.explain import Explanation, ParamRow, explain
 from descend.groups import param_groups
+from descend.lbfgs import LBFGS
+from descend.minimize import MinimizeResult, minimize
 from descend.optimizer import RegularizedOptimizer
 from descend.regularization import DECAY_MODES, l1_penalty, l2_penalty
 from descend.sgd import SGD
@@ -19,6 +22,11 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "LBFGS",
+    "ConjugateGradient",
+    "CG",
+    "minimize",
+    "MinimizeResult",
     "RegularizedOptimizer",
     "param_groups",
     "explain",

@@ -25,7 +25,6 @@ reduced by DTensor itself (the partial result is all-reduced over its mesh by
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +225,22 @@ class ParamSpace:
                 real.add_(piece[offset:offset + n].view_as(real), alpha=t)  # type: ignore[arg-type]
                 offset += n
 
+    def unflatten(self, v: Vector) -> list[Tensor]:
+        """One tensor per parameter, shaped (and typed, complex included) like it, from a vector."""
+        out: dict[int, Tensor] = {}
+        for bucket, piece in zip(self.buckets, v, strict=True):
+            if is_dtensor(bucket[0]):
+                out[id(bucket[0])] = piece
+                continue
+            offset = 0
+            for p in bucket:
+                real = self._real_view(p)
+                n = real.numel()
+                chunk = piece[offset:offset + n].view_as(real)
+                out[id(p)] = torch.view_as_complex(chunk) if p.is_complex() else chunk
+                offset += n
+        return [out[id(p)] for p in self.params]
+
     def save(self) -> list[Tensor]:
         return [p.clone(memory_format=torch.contiguous_format) for p in self.params]
 
@@ -318,9 +333,9 @@ class Outcome:
     evaluations: int  #: closure evaluations in this call
 
 
-#: called after each iteration with φ and ∇φ at the new point (None where not evaluated);
-#: returning True stops the solver.
-IterationCallback = Callable[[float | None, Vector | None], bool | None]
+#: called after each iteration with φ and ∇φ at the new point (None where not evaluated) and the
+#: iterations and evaluations of this call so far; returning True stops the solver.
+IterationCallback = Callable[[float | None, Vector | None, int, int], bool | None]
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -502,25 +517,3 @@ class ClosureSolver(RegularizedOptimizer):
                callback: IterationCallback | None) -> tuple[dict[str, Any], Outcome]:
         raise NotImplementedError
 
-
-def stop_reason(*, n_iter: int, max_iter: int, evals: int, max_eval: int, grad_max: Tensor, tolerance_grad: float,
-                d: Vector, t: Scalar, value: float, prev_value: float, tolerance_change: float,
-                known: bool) -> str | None:
-    """The stopping tests of ``torch.optim.LBFGS``, in its order: why to stop, or None."""
-    if n_iter == max_iter:
-        return "tolerance_grad" if known and grad_max <= tolerance_grad else "max_iter"
-    if evals >= max_eval:
-        return "tolerance_grad" if known and grad_max <= tolerance_grad else "max_eval"
-    if grad_max <= tolerance_grad:
-        return "tolerance_grad"
-    if max_abs(mul(d, t)) <= tolerance_change:
-        return "tolerance_change" if t > 0 else "line_search"
-    if abs(value - prev_value) < tolerance_change:
-        return "tolerance_change"
-    return None
-
-
-def warn_nonfinite(name: str, where: str = "along the search direction") -> None:
-    warnings.warn(f"{name}: the closure returned a non-finite loss or gradient at every point tried {where}; "
-                  "the parameters were left where the iteration began, and the next step restarts from "
-                  "steepest descent", RuntimeWarning, stacklevel=5)

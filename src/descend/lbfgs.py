@@ -54,7 +54,6 @@ Differences from torch:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +61,7 @@ from torch import Tensor
 
 from descend import closure as vec
 from descend.closure import ClosureSolver, IterationCallback, Objective, Outcome, Scalar, Vector, _check_int
-from descend.linesearch import move
+from descend.linesearch import iterate
 
 __all__ = ["LBFGS", "lbfgs"]
 
@@ -83,6 +82,41 @@ def _two_loop(grad: Vector, old_dirs: list[Vector], old_stps: list[Vector], ro: 
     return r
 
 
+class LBFGSRule:
+    """The L-BFGS direction: update the memory with the last (s, y) pair, then the two-loop
+    recursion. State entries: ``old_dirs`` (the y_i), ``old_stps`` (the s_i), ``ro`` (1/y_iᵀs_i)
+    and ``H_diag`` (γ_k), as ``torch.optim.LBFGS`` names them."""
+
+    def __init__(self, history_size: int) -> None:
+        self.history_size = history_size
+
+    def direction(self, state: dict[str, Any], grad: Vector, first: bool) -> Vector:
+        if first:
+            state.update(old_dirs=[], old_stps=[], ro=[], H_diag=1)
+            return vec.neg(grad)
+        old_dirs, old_stps, ro = list(state["old_dirs"]), list(state["old_stps"]), list(state["ro"])
+        H_diag = state["H_diag"]
+        y = vec.sub(grad, state["prev_flat_grad"])
+        s = vec.mul(state["d"], state["t"])
+        ys = vec.dot(y, s)
+        if ys > 1e-10:  # keep the pair only where the curvature is positive: H stays positive definite
+            if len(old_dirs) == self.history_size:
+                del old_dirs[0], old_stps[0], ro[0]
+            old_dirs.append(y)
+            old_stps.append(s)
+            ro.append(1.0 / ys)
+            H_diag = ys / vec.dot(y, y)
+        state.update(old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=H_diag)
+        return _two_loop(grad, old_dirs, old_stps, ro, H_diag)
+
+    def initial_step(self, state: dict[str, Any], grad: Vector, gtd: Tensor, value: float, first: bool,
+                     lr: float) -> Scalar:
+        return vec.first_step(grad, lr) if first else lr
+
+    def stalled(self, state: dict[str, Any]) -> bool:
+        return False  # torch's L-BFGS stops
+
+
 def lbfgs(objective: Objective, state: dict[str, Any], *, lr: float, max_iter: int, max_eval: int,
           tolerance_grad: float, tolerance_change: float, history_size: int, line_search_fn: str | None,
           c1: float = 1e-4, c2: float = 0.9, callback: IterationCallback | None = None,
@@ -94,95 +128,9 @@ def lbfgs(objective: Objective, state: dict[str, Any], *, lr: float, max_iter: i
     ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``,
     ``prev_loss``; and ``restart`` after a failure on non-finite values.
     """
-    state = dict(state)
-    state.setdefault("func_evals", 0)
-    state.setdefault("n_iter", 0)
-
-    orig_loss, loss, flat_grad = objective()
-    current_evals = 1
-    state["func_evals"] += 1
-    grad_max = vec.max_abs(flat_grad)
-    if not vec.is_finite(loss) or not vec.is_finite(grad_max):
-        warnings.warn(f"{name}: the closure returned a non-finite loss or gradient at the current parameters; "
-                      "nothing was changed", RuntimeWarning, stacklevel=4)
-        return state, Outcome(orig_loss, "nonfinite", loss, flat_grad, 0, current_evals)
-    if grad_max <= tolerance_grad:
-        return state, Outcome(orig_loss, "tolerance_grad", loss, flat_grad, 0, current_evals)
-
-    d: Vector | None = state.get("d")
-    t: Scalar = state.get("t", lr)
-    old_dirs: list[Vector] = list(state.get("old_dirs") or [])
-    old_stps: list[Vector] = list(state.get("old_stps") or [])
-    ro: list[Tensor] = list(state.get("ro") or [])
-    H_diag: Scalar = state.get("H_diag", 1)
-    prev_flat_grad: Vector | None = state.get("prev_flat_grad")
-    prev_loss: float | None = state.get("prev_loss")
-    fresh = bool(state.pop("restart", False)) or d is None or prev_flat_grad is None
-
-    reason = "max_iter"
-    known = True  # whether loss and flat_grad are those of the current parameters
-    n_iter = 0
-    while n_iter < max_iter:
-        n_iter += 1
-        state["n_iter"] += 1
-
-        # the direction
-        first = state["n_iter"] == 1 or fresh
-        if first:
-            d = vec.neg(flat_grad)
-            old_dirs, old_stps, ro, H_diag = [], [], [], 1
-        else:
-            assert d is not None and prev_flat_grad is not None
-            y = vec.sub(flat_grad, prev_flat_grad)
-            s = vec.mul(d, t)
-            ys = vec.dot(y, s)
-            if ys > 1e-10:
-                if len(old_dirs) == history_size:
-                    old_dirs.pop(0)
-                    old_stps.pop(0)
-                    ro.pop(0)
-                old_dirs.append(y)
-                old_stps.append(s)
-                ro.append(1.0 / ys)
-                H_diag = ys / vec.dot(y, y)
-            d = _two_loop(flat_grad, old_dirs, old_stps, ro, H_diag)
-        prev_flat_grad = vec.clone(flat_grad)
-        prev_loss = loss
-
-        # the step length
-        t = vec.first_step(flat_grad, lr) if first else lr
-        fresh = False
-        gtd = vec.dot(flat_grad, d)
-        if gtd > -tolerance_change:
-            reason = "no_descent"
-            break
-
-        step = move(objective, d, t, loss, flat_grad, gtd, line_search_fn=line_search_fn, c1=c1, c2=c2,
-                    tolerance_change=tolerance_change, budget=max_eval - current_evals, evaluate=n_iter != max_iter)
-        current_evals += step.evaluations
-        state["func_evals"] += step.evaluations
-        loss, flat_grad, t, known = step.value, step.grad, step.t, step.known
-        if step.failed:
-            state["restart"] = True
-            reason = "nonfinite"
-            vec.warn_nonfinite(name)
-            break
-        if known:
-            grad_max = vec.max_abs(flat_grad)
-        if callback is not None and callback(loss if known else None, flat_grad if known else None):
-            reason = "callback"
-            break
-        stop = vec.stop_reason(n_iter=n_iter, max_iter=max_iter, evals=current_evals, max_eval=max_eval,
-                               grad_max=grad_max, tolerance_grad=tolerance_grad, d=d, t=t, value=loss,
-                               prev_value=prev_loss, tolerance_change=tolerance_change, known=known)
-        if stop is not None:
-            reason = stop
-            break
-
-    state.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=H_diag,
-                 prev_flat_grad=prev_flat_grad, prev_loss=prev_loss)
-    return state, Outcome(orig_loss, reason, loss if known else None, flat_grad if known else None, n_iter,
-                          current_evals)
+    return iterate(objective, state, LBFGSRule(history_size), lr=lr, max_iter=max_iter, max_eval=max_eval,
+                   tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, line_search_fn=line_search_fn,
+                   c1=c1, c2=c2, callback=callback, name=name)
 
 
 class LBFGS(ClosureSolver):

@@ -39,16 +39,17 @@ direction (Nocedal & Wright, Lemma 5.6); :class:`descend.ConjugateGradient` uses
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
 from descend import closure as vec
 from descend.closure import Scalar, Vector
 
-__all__ = ["strong_wolfe", "cubic_minimizer", "LineSearchResult"]
+__all__ = ["strong_wolfe", "cubic_minimizer", "LineSearchResult", "move", "iterate", "DirectionRule"]
 
 
 def _finite(*values: Scalar) -> bool:
@@ -69,7 +70,7 @@ def cubic_minimizer(x1: Scalar, f1: Scalar, g1: Scalar, x2: Scalar, f2: Scalar, 
 
     (for x₁ ≤ x₂; symmetric otherwise). ``bounds`` default to [min(x₁, x₂), max(x₁, x₂)]; the
     midpoint of the bounds is returned when the cubic has no minimizer (d₁² < g₁g₂) or a
-    value is not finite.
+    value, or the result, is not finite.
     """
     if bounds is not None:
         lo, hi = bounds
@@ -86,6 +87,8 @@ def cubic_minimizer(x1: Scalar, f1: Scalar, g1: Scalar, x2: Scalar, f2: Scalar, 
         x = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
     else:
         x = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+    if not vec.is_finite(x):  # overflow in the terms (huge but finite values): bisect
+        return (lo + hi) / 2.0
     return min(max(x, lo), hi)
 
 
@@ -263,3 +266,117 @@ def move(objective: vec.Objective, d: Vector, t: Scalar, f: float, g: Vector, gt
         space.restore(x_init)
         return StepResult(f, g, 0, evals, failed=True)
     return StepResult(f_new, g_new, t, evals)
+
+
+# --- the descent loop shared by L-BFGS and conjugate gradient ----------------------------
+
+
+def stop_reason(*, n_iter: int, max_iter: int, evals: int, max_eval: int, grad_max: Tensor, tolerance_grad: float,
+                d: Vector, t: Scalar, value: float, prev_value: float, tolerance_change: float,
+                known: bool) -> str | None:
+    """The stopping tests of ``torch.optim.LBFGS``, in its order: why to stop, or None."""
+    if n_iter == max_iter:
+        return "tolerance_grad" if known and grad_max <= tolerance_grad else "max_iter"
+    if evals >= max_eval:
+        return "tolerance_grad" if known and grad_max <= tolerance_grad else "max_eval"
+    if grad_max <= tolerance_grad:
+        return "tolerance_grad"
+    if vec.max_abs(vec.mul(d, t)) <= tolerance_change:
+        return "tolerance_change" if t > 0 else "line_search"
+    if abs(value - prev_value) < tolerance_change:
+        return "tolerance_change"
+    return None
+
+
+class DirectionRule(Protocol):
+    """What distinguishes one descent method from another in :func:`iterate`."""
+
+    def direction(self, state: dict[str, Any], grad: Vector, first: bool) -> Vector:
+        """The search direction at a point with gradient ``grad``. ``state`` still holds the
+        previous iteration's ``d``, ``t``, ``prev_flat_grad`` and ``prev_loss``; the rule may keep
+        its own entries there (replacing, never mutating, what it finds)."""
+
+    def initial_step(self, state: dict[str, Any], grad: Vector, gtd: Tensor, value: float, first: bool,
+                     lr: float) -> Scalar:
+        """The first trial step along the direction (``state`` as for :meth:`direction`)."""
+
+    def stalled(self, state: dict[str, Any]) -> bool:
+        """The line search found no lower point along the direction: return True to go on
+        (the rule then chooses another direction), False to stop."""
+
+
+def iterate(objective: vec.Objective, state: dict[str, Any], rule: DirectionRule, *, lr: float, max_iter: int,
+            max_eval: int, tolerance_grad: float, tolerance_change: float, line_search_fn: str | None,
+            c1: float, c2: float, callback: vec.IterationCallback | None = None,
+            name: str = "optimizer") -> tuple[dict[str, Any], vec.Outcome]:
+    """Up to ``max_iter`` iterations of a line-search descent method, torch's L-BFGS loop.
+
+    Evaluate at the current point; stop at once if ‖g‖_∞ ≤ ``tolerance_grad``. Then per
+    iteration: d from ``rule``, stop if gᵀd > −``tolerance_change``, :func:`move` along d,
+    then the tests of :func:`stop_reason`. ``state`` is not modified; the new state (with
+    ``func_evals``, ``n_iter``, ``d``, ``t``, ``prev_flat_grad``, ``prev_loss``, the rule's own
+    entries, and ``restart`` after a failure on non-finite values) is returned.
+    """
+    state = dict(state)
+    state.setdefault("func_evals", 0)
+    state.setdefault("n_iter", 0)
+
+    orig_loss, loss, flat_grad = objective()
+    current_evals = 1
+    state["func_evals"] += 1
+    grad_max = vec.max_abs(flat_grad)
+    if not _finite_point(loss, flat_grad):
+        warnings.warn(f"{name}: the closure returned a non-finite loss or gradient at the current parameters; "
+                      "nothing was changed", RuntimeWarning, stacklevel=5)
+        return state, vec.Outcome(orig_loss, "nonfinite", loss, flat_grad, 0, current_evals)
+    if grad_max <= tolerance_grad:
+        return state, vec.Outcome(orig_loss, "tolerance_grad", loss, flat_grad, 0, current_evals)
+
+    fresh = bool(state.pop("restart", False)) or state.get("d") is None or state.get("prev_flat_grad") is None
+    reason = "max_iter"
+    known = True  # whether loss and flat_grad are those of the current parameters
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        state["n_iter"] += 1
+        first = state["n_iter"] == 1 or fresh
+        fresh = False
+        d = rule.direction(state, flat_grad, first)
+        gtd = vec.dot(flat_grad, d)
+        t = rule.initial_step(state, flat_grad, gtd, loss, first, lr)
+        state.update(d=d, t=t, prev_flat_grad=vec.clone(flat_grad), prev_loss=loss)
+        prev_loss = loss
+        if gtd > -tolerance_change:
+            reason = "no_descent"
+            break
+
+        step = move(objective, d, t, loss, flat_grad, gtd, line_search_fn=line_search_fn, c1=c1, c2=c2,
+                    tolerance_change=tolerance_change, budget=max_eval - current_evals, evaluate=n_iter != max_iter)
+        current_evals += step.evaluations
+        state["func_evals"] += step.evaluations
+        loss, flat_grad, t, known = step.value, step.grad, step.t, step.known
+        state["t"] = t
+        if step.failed:
+            state["restart"] = True
+            reason = "nonfinite"
+            warnings.warn(f"{name}: the closure returned a non-finite loss or gradient at every point tried along "
+                          "the search direction; the parameters were left where the iteration began, and the next "
+                          "step restarts from steepest descent", RuntimeWarning, stacklevel=5)
+            break
+        if known:
+            grad_max = vec.max_abs(flat_grad)
+        if callback is not None and callback(loss if known else None, flat_grad if known else None, n_iter,
+                                            current_evals):
+            reason = "callback"
+            break
+        stop = stop_reason(n_iter=n_iter, max_iter=max_iter, evals=current_evals, max_eval=max_eval,
+                           grad_max=grad_max, tolerance_grad=tolerance_grad, d=d, t=t, value=loss,
+                           prev_value=prev_loss, tolerance_change=tolerance_change, known=known)
+        if stop == "line_search" and rule.stalled(state):
+            continue
+        if stop is not None:
+            reason = stop
+            break
+
+    return state, vec.Outcome(orig_loss, reason, loss if known else None, flat_grad if known else None, n_iter,
+                              current_evals)
