@@ -60,9 +60,13 @@ def prepare_output_dir(path: str) -> str:
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file so that an interrupted write never leaves half of it behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @contextmanager
@@ -130,13 +134,12 @@ def make_mlp(data: Digits, hidden: int, seed: int) -> nn.Module:
     return model.to(data.x_train.dtype)
 
 
-def make_logistic(data: Digits) -> nn.Module:
-    """Multinomial logistic regression, started at zero (the problem is convex)."""
-    model = nn.Linear(data.n_features, data.n_classes).to(data.x_train.dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    return model
+def make_logistic(data: Digits, seed: int) -> nn.Module:
+    """Multinomial logistic regression, initialized from ``seed`` (PyTorch's default init)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Linear(data.n_features, data.n_classes)
+    return model.to(data.x_train.dtype)
 
 
 def weights(model: nn.Module) -> list[Tensor]:

@@ -237,10 +237,10 @@ def _logistic_objective(model: nn.Module, data: Digits) -> Tensor:
     return loss + LOGISTIC_L2 / 2 * descend.l2_penalty(_digits.weights(model))
 
 
-def _train_full_batch(config: Config, data: Digits, budget: int, progress: _Progress) -> Run:
+def _train_full_batch(config: Config, data: Digits, budget: int, seed: int, progress: _Progress) -> Run:
     """step(closure) until ``budget`` gradient evaluations (passes) are spent or the
     solver stops moving."""
-    model = _digits.make_logistic(data)
+    model = _digits.make_logistic(data, seed)
     optimizer = config.build(model)
     evaluations = 0
 
@@ -281,7 +281,7 @@ def logistic_optimum(data: Digits) -> float:
     import numpy as np
     from scipy.optimize import minimize
 
-    model = _digits.make_logistic(data)
+    model = _digits.make_logistic(data, 0)  # its values are replaced; only the shapes matter
     params = list(model.parameters())
 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -369,9 +369,13 @@ def write_results(out: str, meta: dict[str, Any], runs: list[Run], comparisons: 
     for rec in records:
         writer.writerow(rec)
     _digits.atomic_write_text(f"{out}/results.csv", buf.getvalue())
-    tmp = f"{out}/weights.pt.tmp"
-    torch.save({r.config.name: r.final for r in runs}, tmp)
-    os.replace(tmp, f"{out}/weights.pt")
+    tmp = f"{out}/weights.pt.tmp-{os.getpid()}"
+    try:
+        torch.save({r.config.name: r.final for r in runs}, tmp)
+        os.replace(tmp, f"{out}/weights.pt")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot(path: str, runs: list[Run], title: str) -> None:
@@ -464,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for i, config in enumerate(configs, 1):
                 if config.full_batch:
-                    result = _train_full_batch(config, data, FULL_BATCH_PASSES, progress)
+                    result = _train_full_batch(config, data, FULL_BATCH_PASSES, args.seed, progress)
                     result.extra["objective_gap"] = result.extra["objective"] - meta["logistic_optimum"]
                 else:
                     result = _train_mlp(config, data, epochs, args.seed, progress)

@@ -9,9 +9,12 @@ initial weights and minibatches everywhere, cosine learning-rate schedule) with
   (θ ← θ·(1 − η_t·λ), η_t the schedule multiplier, not multiplied by the learning rate),
 
 and draws the two test-error heatmaps side by side, as in Figure 2 of Loshchilov & Hutter,
-"Decoupled Weight Decay Regularization": with AdamW the best learning rate should not move
-when the weight decay changes (the basin is aligned with the axes: the two hyperparameters
-are separable), with Adam+L2 it does.
+"Decoupled Weight Decay Regularization". The paper's claim is that with AdamW the best
+learning rate does not move when the weight decay changes (the good region is aligned with
+the axes: the two are separable) while with Adam+L2 it does. Each heatmap draws the best
+learning rate for each weight decay as a line, so you can check the claim on this problem:
+a horizontal line means separable. ``--methods`` adds torch's AdamW (``decay="decoupled"``,
+θ ← θ·(1 − lr_t·λ)) as a third heatmap.
 
 Cells run in parallel, one process per core (each with one torch thread). Each finished cell
 is appended to ``sweep.jsonl`` in ``--out`` at once; running the same command again skips
@@ -141,24 +144,27 @@ def read_results(path: str) -> dict[str, dict[str, Any]]:
 
 
 class ResultsFile:
-    """Appends one JSON line per finished cell, flushed to disk at once."""
+    """Appends one JSON line per finished cell, on disk at once.
+
+    Each line goes out in one ``os.write`` on a file opened with O_APPEND: Ctrl-C is handled
+    between Python operations, so a line is either written whole or not at all."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.file = open(path, "a+", encoding="utf-8")
-        self.file.seek(0, os.SEEK_END)
-        if self.file.tell() > 0:
-            self.file.seek(self.file.tell() - 1)
-            if self.file.read(1) != "\n":  # a line cut short: start a fresh one
-                self.file.write("\n")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size > 0 and os.pread(self.fd, 1, size - 1) != b"\n":  # a line cut short: start a fresh one
+            os.write(self.fd, b"\n")
 
     def append(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        data = (json.dumps(record) + "\n").encode()
+        written = os.write(self.fd, data)
+        if written != len(data):  # not seen for small writes to regular files; finish the line anyway
+            os.write(self.fd, data[written:])
+        os.fsync(self.fd)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
 
 # --- running the grid ------------------------------------------------------------------
@@ -183,6 +189,9 @@ def _run_cells(cells: list[Cell], workers: int) -> Generator[dict[str, Any], Non
                 yield train_cell(cell)
         return
     _data()  # loaded once, here: forked workers inherit it
+    # torch imports parts of itself (torch._dynamo) when the first optimizer is built: do it
+    # here once, not in every worker
+    descend.Adam(torch.nn.Linear(1, 1).parameters())
     pool = _context().Pool(processes=min(workers, len(cells)), initializer=_init_worker)
     try:
         yield from pool.imap_unordered(train_cell, cells, chunksize=1)
@@ -295,7 +304,7 @@ def plot(path: str, grids: dict[str, list[list[float]]], lrs: list[float], wds: 
                    linewidths=1.3)
         if top:
             ax.scatter([top[0][1]], [top[0][0]], s=380, facecolors="none", edgecolors="red", linewidths=2)
-        # the best learning rate for each weight decay: a vertical track means "separable"
+        # the best learning rate for each weight decay: a horizontal line means "separable"
         col_best = [(int(np.nanargmin(data[:, j])), j) for j in range(data.shape[1]) if np.isfinite(data[:, j]).any()]
         if col_best:
             ax.plot([j for _, j in col_best], [i for i, _ in col_best], color="red", linewidth=1, alpha=0.6)
@@ -342,14 +351,14 @@ def _methods(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="descend-sweep",
                         help=f"output directory, holding {RESULTS} and {FIGURE} (default: ./descend-sweep/)")
-    parser.add_argument("--lr", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-13.0, -5.0],
-                        help="log2 of the smallest and largest learning rate (default: -13 -5)")
-    parser.add_argument("--wd", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-14.0, -2.0],
-                        help="log2 of the smallest and largest weight decay, for both methods (default: -14 -2)")
+    parser.add_argument("--lr", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-12.0, -4.0],
+                        help="log2 of the smallest and largest learning rate (default: -12 -4)")
+    parser.add_argument("--wd", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-16.0, -2.0],
+                        help="log2 of the smallest and largest weight decay, for every method (default: -16 -2)")
     parser.add_argument("--n-lr", type=_positive_int, default=9, metavar="N",
                         help="number of learning rates (default: 9)")
-    parser.add_argument("--n-wd", type=_positive_int, default=7, metavar="N",
-                        help="number of weight decays (default: 7)")
+    parser.add_argument("--n-wd", type=_positive_int, default=8, metavar="N",
+                        help="number of weight decays (default: 8)")
     parser.add_argument("--epochs", type=_positive_int, default=EPOCHS, metavar="N",
                         help=f"epochs per cell (default: {EPOCHS})")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and minibatch order (default: 0)")
