@@ -639,7 +639,7 @@ def job_train(rec: Recorder, shared: Path) -> None:
 def job_resume(rec: Recorder, shared: Path) -> None:
     # a group of its own for each non-finite check: a rank that fails there alone blocks the
     # other in a collective until that group's timeout and leaves the group unusable
-    groups = {mode: dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=5))
+    groups = {mode: dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=10))
               for mode in ("skip", "raise")}
     for name in DCP_SPECS:
         rec.run(f"dcp/resume-2-ranks-{name}", check_dcp_resume(name, shared, sharded=True))
