@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = ["FlatStorage", "check_flat_params"]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_GRAD = operator.attrgetter("grad")
 _ELEMENT, _SCALAR, _OTHER = "element", "scalar", "other"
 
 
@@ -309,7 +310,7 @@ class FlatStorage:
             batch = FlatBatch(group)
             batches.append(batch)
             for seg in segments:
-                grads = [p.grad for p in seg.params]
+                grads = list(map(_GRAD, seg.params))
                 if all(map(operator.is_, grads, seg.grad_views)):
                     plans.append((batch, seg, None))  # every gradient is in the buffer already
                     continue

@@ -1,0 +1,497 @@
+"""``descend bench``: descend's optimizer step against torch.optim's, in one process.
+
+An optimizer step reads and writes every parameter, gradient and state buffer, so it is
+bound by memory bandwidth, or, on many small tensors, by per-tensor overhead. This
+benchmark times descend's SGD (momentum, weight decay), Adam and AdamW against
+torch.optim's for-loop, foreach and fused implementations on parameter sets shaped like
+real models, and reports each step's share of the machine's measured bandwidth.
+
+Method (what makes the ratios trustworthy on a noisy, shared machine):
+
+- every candidate of a comparison lives in the same process and is stepped once per
+  *round*, in a new random order each round; the STREAM-style triad (a = b + s·c over
+  arrays far larger than the caches) is one more member of every round, so bandwidth is
+  measured under the same conditions as the steps;
+- the reported time is the median over rounds (after warm-up rounds that create state);
+- bytes per step are the least traffic the update needs (Adam: read θ, g, m, v and write
+  θ, m, v, 28 bytes per float32 parameter; SGD with momentum: 20), so GB/s is an effective
+  bandwidth, comparable between implementations;
+- "extra MB" is the peak of memory allocated during one step beyond what existed before
+  it (temporaries), from torch's profiler at operator granularity;
+- candidates that are not flat share one set of parameters and gradients on the two
+  large sets (GPT-2 small, one 50M tensor: far larger than any cache) to bound memory;
+  on the smaller sets each has its own copies, so none profits from another's cache.
+
+Sets: ResNet-50 (161 tensors, 25.6M), GPT-2 small (148 tensors, 124.4M), a LoRA-style
+many-small set (2,000 × 1,000) and one 50M tensor; ``--quick`` shrinks the two large ones.
+Besides the torch comparison, per set it times what descend's own modes cost: independent
+decay and decoupled L1 against decoupled decay, ``nonfinite="skip"`` against no guard,
+and flat storage when each step brings new gradient tensors (after ``zero_grad()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import descend
+
+__all__ = ["add_arguments", "run", "main", "SETS", "param_shapes"]
+
+Shapes = list[tuple[int, ...]]
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SETS = ("resnet50", "gpt2", "many-small", "one-50m")
+#: the hyperparameters every candidate of an optimizer uses (torch's names).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "sgd": dict(lr=1e-4, momentum=0.9, weight_decay=1e-4),
+    "adam": dict(lr=1e-4),
+    "adamw": dict(lr=1e-4, weight_decay=1e-2),
+}
+TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+SHARE_ABOVE = 32_000_000  # elements: above this, non-flat candidates share parameters and gradients
+
+
+# --- parameter sets --------------------------------------------------------------------
+
+
+def resnet50_shapes() -> Shapes:
+    """torchvision's resnet50: 161 tensors, 25,557,032 parameters."""
+    shapes: Shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,), (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]  # downsample
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2_shapes(layers: int = 12, vocab: int = 50257, width: int = 768, context: int = 1024) -> Shapes:
+    """Hugging Face's GPT-2 small (lm_head tied to wte): 148 tensors, 124,439,808 parameters."""
+    d = width
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(vocab, d), (context, d)] + block * layers + [(d,), (d,)]
+
+
+def param_shapes(name: str, quick: bool = False) -> tuple[str, Shapes]:
+    """(label, shapes) of a parameter set."""
+    if name == "resnet50":
+        return "ResNet-50", resnet50_shapes()
+    if name == "gpt2":
+        if quick:
+            return "GPT-2 small, 2 of 12 layers, vocab 8192", gpt2_shapes(layers=2, vocab=8192)
+        return "GPT-2 small", gpt2_shapes()
+    if name == "many-small":
+        return "2,000 × 1,000 (LoRA-like)", [(1000,)] * 2000
+    if name == "one-50m":
+        return ("one 10M tensor" if quick else "one 50M tensor"), [(10_000_000 if quick else 50_000_000,)]
+    raise ValueError(f"Invalid set: {name!r} (allowed: {', '.join(SETS)})")
+
+
+def _numel(shapes: Shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+# --- candidates ------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One optimizer configuration in a comparison."""
+
+    label: str
+    make: Callable[[list[Tensor]], torch.optim.Optimizer]
+    arrays: int  # float arrays of parameter size the step must read or write (its least traffic)
+    flat: bool = False
+    fresh_grads: bool = False  # give new gradient tensors before each step (as after zero_grad())
+    baseline: str | None = None  # the label this row is compared with, in "modes" comparisons
+    torch_impl: str | None = None  # "loop" / "foreach" / "fused" for torch.optim's rows
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    optimizer: Any = None
+    params: list[Tensor] = field(default_factory=list)
+    fresh: list[Tensor] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def _arrays(name: str, *, l1: bool = False, skip: bool = False, fresh: bool = False) -> int:
+    base = 5 if name == "sgd" else 7  # SGD: θ, g, buf read, θ, buf written; Adam: θ, g, m, v read, θ, m, v written
+    return base + 2 * l1 + skip + 2 * fresh
+
+
+def _torch_default_impl() -> str:
+    """What torch.optim does without flags for CPU parameters."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    fused, foreach = _default_to_fused_or_foreach([torch.zeros(1)], differentiable=False, use_fused=False)
+    return "fused" if fused else "foreach" if foreach else "loop"
+
+
+def main_candidates(name: str) -> list[Candidate]:
+    """torch.optim's three implementations against descend's default and flat steps."""
+    kw = SETTINGS[name]
+    torch_cls = getattr(torch.optim, TORCH_CLASSES[name])
+    ours = getattr(descend, TORCH_CLASSES[name])
+    n = _arrays(name)
+    default = _torch_default_impl()
+    flags = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    def make(flag: dict[str, bool]) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+        return lambda p: torch_cls(p, **flag, **kw)
+
+    out = []
+    for impl, f in flags.items():
+        label = f"torch {impl}" + (" (torch's default)" if impl == default else "")
+        out.append(Candidate(label, make(f), n, torch_impl=impl))
+    out.append(Candidate("descend (default)", lambda p: ours(p, **kw), n))
+    out.append(Candidate("descend flat=True", lambda p: ours(p, flat=True, **kw), n, flat=True))
+    return out
+
+
+def mode_candidates(name: str, flat: bool) -> list[Candidate]:
+    """What descend's own modes cost, each against decoupled decay (the mode torch has)."""
+    kw = dict(SETTINGS[name])
+    kw.setdefault("weight_decay", 1e-2)
+    ours = getattr(descend, TORCH_CLASSES[name])
+    tag = "flat " if flat else ""
+    base = f"descend {tag}decoupled"
+    rows = [
+        Candidate(base, lambda p: ours(p, decay="decoupled", flat=flat, **kw), _arrays(name), flat=flat),
+        Candidate(f"descend {tag}independent", lambda p: ours(p, decay="independent", flat=flat, **kw),
+                  _arrays(name), flat=flat, baseline=base),
+        Candidate(f"descend {tag}decoupled + L1", lambda p: ours(p, decay="decoupled", l1=1e-6, flat=flat, **kw),
+                  _arrays(name, l1=True), flat=flat, baseline=base),
+    ]
+    if flat:
+        rows.append(Candidate("descend flat, new grad tensors", lambda p: ours(p, decay="decoupled", flat=True, **kw),
+                              _arrays(name, fresh=True), flat=True, fresh_grads=True, baseline=base))
+    else:
+        rows.append(Candidate('descend nonfinite="skip"', lambda p: ours(p, decay="decoupled", nonfinite="skip", **kw),
+                              _arrays(name, skip=True), baseline=base))
+    return rows
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+def _master(shapes: Shapes, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    data = [torch.randn(s, generator=g).mul_(0.02) for s in shapes]
+    grads = [torch.randn(s, generator=g).mul_(1e-3) for s in shapes]
+    return data, grads
+
+
+def _params(data: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    params: list[Tensor] = [torch.nn.Parameter(d.clone()) for d in data]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return params
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """torch's profiler logs to file descriptor 2 on start and stop."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def step_peak_bytes(step: Callable[[], Any]) -> int:
+    """Peak memory allocated during ``step()`` beyond what existed before it (CPU, from the
+    profiler's per-operator allocation records: allocations at an operator's start, frees
+    at its end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    deltas = []
+    for event in prof.events():
+        m = event.self_cpu_memory_usage
+        if m:
+            deltas.append((event.time_range.start if m > 0 else event.time_range.end, m))
+    current = peak = 0
+    for _, m in sorted(deltas):
+        current += m
+        peak = max(peak, current)
+    return peak
+
+
+class Triad:
+    """STREAM's triad a = b + s·c in float32 over arrays of ``megabytes`` each: 12 bytes
+    moved per element (STREAM's convention: the write-allocate read of a is not counted)."""
+
+    def __init__(self, megabytes: int) -> None:
+        n = megabytes * 2**20 // 4
+        self.a, self.b, self.c = torch.empty(n), torch.rand(n), torch.rand(n)
+        self.bytes = 3 * 4 * n
+        self.times: list[float] = []
+
+    def run(self) -> None:
+        t = time.perf_counter()
+        torch.add(self.b, self.c, alpha=0.5, out=self.a)
+        self.times.append(time.perf_counter() - t)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / statistics.median(self.times) / 1e9
+
+
+def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: int, triad: Triad,
+            seed: int, memory: bool, log: Callable[[str], None]) -> None:
+    """Build every candidate, then step them round by round in random order."""
+    data, grads = _master(shapes, seed)
+    shared = _params(data, grads) if _numel(shapes) > SHARE_ABOVE else None
+    for c in candidates:
+        c.params = _params(data, grads) if c.flat or shared is None else shared
+        c.optimizer = c.make(c.params)
+        if c.fresh_grads:
+            c.fresh = [g.clone() for g in grads]
+    del data, grads
+    rng = random.Random(seed)
+    order: list[Candidate | None] = [*candidates, None]  # None: the triad
+    for r in range(warmup + steps):
+        if r == warmup:
+            triad.times.clear()  # the triad's warm-up samples go too
+        rng.shuffle(order)
+        for member in order:
+            if member is None:
+                triad.run()
+                continue
+            if member.fresh_grads:
+                for p, g in zip(member.params, member.fresh):
+                    p.grad = g
+            t = time.perf_counter()
+            member.optimizer.step()
+            elapsed = time.perf_counter() - t
+            if r >= warmup:
+                member.times.append(elapsed)
+    if memory:
+        for c in candidates:
+            if c.fresh_grads:
+                for p, g in zip(c.params, c.fresh):
+                    p.grad = g
+            c.peak_bytes = step_peak_bytes(c.optimizer.step)
+    log("    " + ", ".join(f"{c.label} {c.median * 1e3:.1f} ms" for c in candidates))
+
+
+def release(candidates: list[Candidate]) -> None:
+    for c in candidates:
+        c.optimizer, c.params, c.fresh = None, [], []
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    set: str
+    optimizer: str
+    label: str
+    ms: float
+    vs_fastest: float | None  # torch's fastest time / this time (> 1: faster)
+    vs_default: float | None  # torch's default time / this time
+    vs_baseline: float | None  # this time / baseline time (modes: the cost, 1.0 = free)
+    baseline: str | None
+    gbps: float
+    share: float  # of the triad's bandwidth measured in the same rounds
+    peak_mb: float | None
+    samples: list[float]
+
+
+def rows_for(set_label: str, name: str, candidates: list[Candidate], numel: int, triad_gbps: float) -> list[Row]:
+    torch_rows = {c.torch_impl: c.median for c in candidates if c.torch_impl}
+    fastest = min(torch_rows.values()) if torch_rows else None
+    default = torch_rows.get(_torch_default_impl())
+    medians = {c.label: c.median for c in candidates}
+    out = []
+    for c in candidates:
+        gbps = c.arrays * 4 * numel / c.median / 1e9
+        base = medians.get(c.baseline) if c.baseline else None
+        out.append(Row(set_label, TORCH_CLASSES[name], c.label, c.median * 1e3,
+                       fastest / c.median if fastest else None, default / c.median if default else None,
+                       c.median / base if base else None, c.baseline, gbps, gbps / triad_gbps,
+                       c.peak_bytes / 2**20 if c.peak_bytes is not None else None, [t * 1e3 for t in c.times]))
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    memory = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            memory = int(f.readline().split()[1]) * 1024
+    return {
+        "cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1) if memory else None,
+        "torch": torch.__version__, "python": platform.python_version(), "descend": descend.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def table(rows: list[Row]) -> str:
+    """The main comparison as a Markdown table."""
+    lines = ["| set | optimizer | implementation | step (ms, median) | speed-up vs torch's fastest "
+             "| speed-up vs torch's default | GB/s | % of triad | extra MB in step |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        if r.baseline is not None or r.vs_fastest is None:
+            continue
+        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {r.vs_fastest:.2f}× | "
+                     f"{_f(r.vs_default, '.2f')}× | {r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
+    return "\n".join(lines)
+
+
+def modes_table(rows: list[Row]) -> str:
+    """What descend's modes cost, as a Markdown table."""
+    lines = ["| set | optimizer | configuration | step (ms, median) | time vs decoupled (same rounds) "
+             "| GB/s | % of triad | extra MB in step |",
+             "|---|---|---|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        if r.vs_fastest is not None:
+            continue
+        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {_f(r.vs_baseline, '.2f')} | "
+                     f"{r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
+    return "\n".join(lines)
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``descend bench`` (also ``python benchmarks/step_speed.py``)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller GPT-2 and single-tensor sets and fewer rounds (about a minute)")
+    parser.add_argument("--sets", default=",".join(SETS),
+                        help=f"comma-separated parameter sets (default: all of {', '.join(SETS)})")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                        help=f"comma-separated optimizers (default: {', '.join(OPTIMIZERS)})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed rounds per comparison (default 10, 4 with --quick)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--no-modes", action="store_true",
+                        help="skip the cost of descend's modes (independent decay, L1, nonfinite, new grads)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiled step that measures memory")
+    parser.add_argument("--triad-mb", type=int, default=256, help="size of each triad array in MiB (default 256)")
+    parser.add_argument("--json", metavar="PATH", help="also write every sample and the machine to PATH")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"Invalid {what}: {value!r} (allowed: comma-separated {', '.join(allowed)})")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print the tables; 0 on success."""
+    try:
+        sets = _names(args.sets, SETS, "--sets")
+        optimizers = _names(args.optimizers, OPTIMIZERS, "--optimizers")
+    except ValueError as e:
+        print(f"descend bench: {e}", file=sys.stderr)
+        return 2
+    steps = args.steps if args.steps is not None else (4 if args.quick else 10)
+    if steps < 1 or args.warmup < 1 or args.threads < 1:
+        print("descend bench: --steps, --warmup and --threads must be positive", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, sets, optimizers, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps: int) -> int:
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    info = machine()
+    triad = Triad(args.triad_mb)
+    triad_all: list[float] = []
+    rows: list[Row] = []
+    started = time.perf_counter()
+    for set_name in sets:
+        label, shapes = param_shapes(set_name, args.quick)
+        numel = _numel(shapes)
+        log(f"{label}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters")
+        for name in optimizers:
+            comparisons = [("torch.optim vs descend", main_candidates(name))]
+            if not args.no_modes and name in ("sgd", "adamw"):
+                comparisons += [("modes", mode_candidates(name, flat=False)),
+                                ("flat modes", mode_candidates(name, flat=True))]
+            for what, candidates in comparisons:
+                log(f"  {TORCH_CLASSES[name]}, {what}")
+                triad.times.clear()
+                measure(candidates, shapes, steps=steps, warmup=args.warmup, triad=triad, seed=args.seed,
+                        memory=not args.no_memory, log=log)
+                triad_all += triad.times
+                rows += rows_for(label, name, candidates, numel, triad.gbps)
+                release(candidates)
+    info["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    info["triad_gbps_median"] = round(3 * 4 * (args.triad_mb * 2**20 // 4) / statistics.median(triad_all) / 1e9, 2)
+    info["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    command = "descend bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    print(f"Command: `{command.strip()}`\n")
+    print(f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}, "
+          f"{args.threads} threads; load average {info['load_average']} at start, "
+          f"{info['load_average_end']} at end; {info['date']}; {info['minutes']} min.\n")
+    print(f"Triad bandwidth (median over all rounds): {info['triad_gbps_median']} GB/s; "
+          f"{steps} timed rounds per comparison after {args.warmup} warm-up rounds.\n")
+    print(table(rows))
+    if any(r.vs_fastest is None for r in rows):
+        print()
+        print(modes_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": vars(args), "rows": [r.__dict__ for r in rows]}, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="descend bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
