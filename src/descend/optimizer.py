@@ -247,18 +247,20 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         return batches
 
     def _grads_are_finite(self, batches: list[GroupBatch]) -> bool:
+        grads = [g for b in batches for g in b.grads]
+        # a sharded (DTensor) gradient is checked over all shards, so that every rank agrees;
+        # all of them, in order, since each check is a collective every rank must run
+        sharded = [_all_finite(g) for g in grads if _is_dtensor(g)]
         # (an empty tensor is finite, and has no infinity norm: _foreach_norm would raise)
-        grads = [g for b in batches for g in b.grads if g.numel()]
-        if not grads:
-            return True
+        plain = [g for g in grads if g.numel() and not _is_dtensor(g)]
         finite = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all()
-                  for gs in _by_device_and_dtype(grads)]
-        return bool(torch.stack([f.cpu() for f in finite]).all())
+                  for gs in _by_device_and_dtype(plain)]
+        return all(sharded) and (not finite or bool(torch.stack([f.cpu() for f in finite]).all()))
 
     def _first_nonfinite(self, batches: list[GroupBatch]) -> Tensor:
         for b in batches:
             for p, g in zip(b.params, b.grads, strict=True):
-                if not bool(torch.isfinite(g).all()):
+                if not _all_finite(g):
                     return p
         raise AssertionError("no non-finite gradient")
 
@@ -388,10 +390,24 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             return "foreach" if foreach_ok else "single"
         if fused_ok and _one_dense_layout(batch):
             return "fused"
-        return "foreach" if foreach_ok and plain else "single"
+        # DTensor (FSDP2) supports the foreach kernels, and they are torch's default for it too
+        return "foreach" if foreach_ok and (plain or all(map(_is_dtensor, params))) else "single"
 
 
 _PLAIN_TENSOR_TYPES_SET = frozenset(_PLAIN_TENSOR_TYPES)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """A torch.distributed DTensor (FSDP2's parameters and gradients), without importing it."""
+    return any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in type(t).__mro__)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Every entry is finite; for a DTensor, over all ranks' shards (its own answer covers
+    only the local shard, and ranks must take the same decision)."""
+    flag = torch.isfinite(t).all()
+    full = getattr(flag, "full_tensor", None)
+    return bool(full() if full is not None else flag)
 _IS_CPU = operator.attrgetter("is_cpu")
 #: below this many elements a tensor's fused update runs on one thread (ATen's GRAIN_SIZE).
 _SERIAL_NUMEL = 32768
