@@ -19,7 +19,9 @@ and ``l1=λ₁`` is the (sub)gradient of λ₁·‖θ‖₁ (:func:`l1_penalty`)
 
 The decoupled modes differ only in the *scale* s that multiplies λ and λ₁:
 s = lr ("decoupled", torch's AdamW), s = lr/lr₀ ("independent", the AdamW paper's schedule
-multiplier η_t; MosaicML's DecoupledAdamW) and s = 1 ("fixed"). Shrinking happens before the
+multiplier η_t; MosaicML's DecoupledAdamW) and s = 1 ("fixed"; 0 at lr = 0, so that a step at
+lr = 0 is no step in every mode, which torch's distributed checkpoint relies on when it creates
+optimizer state). Shrinking happens before the
 update rule, as in torch's AdamW and line 12 of the paper's Algorithm 2, where the decay term
 λ·θ_{t-1} is taken at the old parameters. L1 is applied after the update as a proximal step
 (soft-thresholding), so weights that the update brings within the threshold become exactly 0.
@@ -54,7 +56,9 @@ def decoupled_scale(decay: str, lr: float | Tensor, base_lr: float) -> float:
         # lr₀ = 0 only for a group that never moves; no decay follows its (zero) schedule.
         return _scalar(lr) / base_lr if base_lr != 0 else 0.0
     if decay == "fixed":
-        return 1.0
+        # A step at lr = 0 is no step in every mode: torch's distributed checkpoint creates
+        # optimizer state by stepping at lr = 0 on zero gradients, and relies on that.
+        return 1.0 if _scalar(lr) != 0 else 0.0
     raise ValueError(f"decoupled_scale: decay={decay!r} is not a decoupled mode {DECOUPLED_MODES}")
 
 
