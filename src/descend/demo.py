@@ -8,13 +8,14 @@ from the same weights and sees the same minibatches (``--seed``), in float64, so
 are mathematically the same end with the same weights, to rounding:
 
 - SGD on loss + c·Σw² and SGD with ``weight_decay=2c`` (coupled decay is L2);
+- plain SGD with coupled and with decoupled decay (without momentum they are one rule);
 - AdamW with ``weight_decay=λ`` and the AdamW paper's ``decay="independent"`` with
   ``weight_decay=lr₀·λ``;
 
 and runs that are not do not: coupled and decoupled decay with momentum, Adam+L2 and AdamW.
 
-Writes into ``--out``: ``demo.png`` (train loss, test accuracy and ‖θ‖ over training, one line
-per run), ``results.json`` (everything, curves included), ``results.csv`` (the table) and
+Writes into ``--out``: ``demo.png`` (train loss, test accuracy, ‖θ‖ and the share of weights
+that are exactly 0, over training, one line per run), ``results.json`` (everything, curves included), ``results.csv`` (the table) and
 ``weights.pt`` (the final parameters of each run, flattened). Results are written after each
 run, so an interrupted demo keeps the runs it finished.
 """
@@ -120,6 +121,10 @@ def configurations() -> list[Config]:
                f"SGD(param_groups(model, weight_decay={SGD_WD:g}), lr={SGD_LR})",
                lambda m: descend.SGD(_decayed(m, weight_decay=SGD_WD), lr=SGD_LR),
                color="C9", linestyle=":", linewidth=1.6),
+        Config("sgd-decoupled", f"SGD, decoupled wd={SGD_WD:g}",
+               f'SGD(param_groups(model, weight_decay={SGD_WD:g}), lr={SGD_LR}, decay="decoupled")',
+               lambda m: descend.SGD(_decayed(m, weight_decay=SGD_WD), lr=SGD_LR, decay="decoupled"),
+               color="navy", linestyle="--", linewidth=1.2),
         Config("sgdm-coupled", f"SGD+momentum, coupled wd={SGD_WD:g}",
                f"SGD(param_groups(model, weight_decay={SGD_WD:g}), lr={SGDM_LR}, momentum={MOMENTUM})",
                lambda m: descend.SGD(_decayed(m, weight_decay=SGD_WD), lr=SGDM_LR, momentum=MOMENTUM),
@@ -160,6 +165,7 @@ def configurations() -> list[Config]:
 #: pairs of runs compared weight by weight, and whether they should end equal.
 COMPARISONS = [
     ("sgd-l2-loss", "sgd-wd", True, "an L2 term in the loss is coupled weight decay (weight_decay = 2c)"),
+    ("sgd-wd", "sgd-decoupled", True, "without momentum, θ − lr·(g + λθ) = θ·(1 − lr·λ) − lr·g"),
     ("sgdm-coupled", "sgdm-decoupled", False, "with momentum, coupled decay goes through the buffer"),
     ("adam-l2", "adamw", False, "Adam divides the L2 gradient by sqrt(v); AdamW does not"),
     ("adamw", "adamw-independent", True, "the paper's decay with λ_paper = lr₀·λ is torch's AdamW"),
