@@ -189,6 +189,9 @@ class ConjugateGradient(ClosureSolver):
 
     _shared = ClosureSolver._shared + ("beta", "restart", "restart_every")
     _vector_keys = ("d", "prev_flat_grad")
+    _state_keys = ("func_evals", "n_iter", "d", "t", "prev_flat_grad", "prev_loss", "since_restart", "restarts",
+                   "force_restart", "restart")
+    _group_keys = ("beta", "restart", "max_iter", "line_search_fn")
 
     def __init__(self, params: Any, lr: float | Tensor = 1, beta: str = "PR+", max_iter: int = 20,
                  max_eval: int | None = None, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,

@@ -164,12 +164,7 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class ParamSpace:
-    """The parameters of an optimizer, in order, as one vector of buckets.
-
-    ``leaders[i]`` is the first parameter of bucket i: a solver stores the i-th piece of
-    each of its vectors in that parameter's state, so that ``load_state_dict`` casts each
-    piece to its own device and dtype.
-    """
+    """The parameters of an optimizer, in order, as one vector of buckets."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
@@ -186,7 +181,6 @@ class ParamSpace:
                 keys[key] = len(self.buckets)
                 self.buckets.append([])
             self.buckets[keys[key]].append(p)
-        self.leaders = [b[0] for b in self.buckets]
         self.sizes = [sum(2 * p.numel() if p.is_complex() else p.numel() for p in b) for b in self.buckets]
 
     def _real_view(self, p: Tensor) -> Tensor:
@@ -248,13 +242,43 @@ class ParamSpace:
         for p, s in zip(self.params, saved, strict=True):
             p.copy_(s)
 
-    def check_piece(self, name: str, piece: Any, index: int) -> None:
-        """Raise ValueError if a stored piece does not fit bucket ``index``."""
-        if not isinstance(piece, Tensor) or piece.numel() != self.sizes[index]:
-            shape = tuple(piece.shape) if isinstance(piece, Tensor) else type(piece).__name__
-            raise ValueError(
-                f"optimizer state {name!r} has {shape} for bucket {index}, which holds {self.sizes[index]} "
-                "numbers: the state does not belong to these parameters; nothing was changed")
+    def join(self, name: str, tensors: Sequence[Any]) -> Vector:
+        """The vector whose per-parameter slices are ``tensors`` (as :meth:`unflatten` made them).
+
+        Slices that are still views of one flat piece, in order, give that piece back without
+        a copy; others (a loaded checkpoint) are concatenated. Raises ValueError, naming the
+        state entry, for a slice that does not fit its parameter."""
+        for p, t in zip(self.params, tensors, strict=True):
+            if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or is_dtensor(t) != is_dtensor(p):
+                got = f"shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"optimizer state {name!r} holds {got} for a parameter of shape {tuple(p.shape)} and dtype "
+                    f"{p.dtype}: the state does not belong to these parameters; nothing was changed")
+        by_param = dict(zip(map(id, self.params), tensors, strict=True))
+        pieces: Vector = []
+        for bucket, size in zip(self.buckets, self.sizes, strict=True):
+            slices = [by_param[id(p)] for p in bucket]
+            if is_dtensor(bucket[0]):
+                pieces.append(slices[0])
+                continue
+            base = _common_base(bucket, slices, size)
+            if base is None:
+                base = torch.cat([(torch.view_as_real(t) if t.is_complex() else t).reshape(-1) for t in slices])
+            pieces.append(base)
+        return pieces
+
+
+def _common_base(bucket: list[Tensor], slices: list[Tensor], size: int) -> Tensor | None:
+    """The flat tensor ``slices`` are consecutive views of, if they are."""
+    base = slices[0]._base
+    if base is None or base.dim() != 1 or base.numel() != size or not base.is_contiguous():
+        return None
+    address, offset = base.data_ptr(), 0
+    for p, t in zip(bucket, slices, strict=True):
+        if t._base is not base or not t.is_contiguous() or t.data_ptr() != address + offset * base.element_size():
+            return None
+        offset += 2 * p.numel() if p.is_complex() else p.numel()
+    return base
 
 
 class Objective:
@@ -357,9 +381,10 @@ class ClosureSolver(RegularizedOptimizer):
 
     One solver runs over every parameter of every group, so the solver settings must agree
     across groups (``_shared``); only ``weight_decay`` may differ, and it is part of the
-    objective (see :class:`Objective`). Vectors live in the state of the first parameter of
-    each bucket (:class:`ParamSpace`), so the state of a single-bucket solver is laid out
-    exactly as ``torch.optim.LBFGS`` lays out its own. A step works on copies and writes
+    objective (see :class:`Objective`). Each parameter keeps its slice of every vector of the
+    solver (the direction, the last gradient, the history), shaped and typed like itself, as
+    every other optimizer's state is; the solver's scalars (iteration and evaluation counts,
+    step length, ρ_i, …) are kept with the first parameter. A step works on copies and writes
     the state only at the end; if it raises, parameters and state are as they were.
     """
 
@@ -436,49 +461,50 @@ class ClosureSolver(RegularizedOptimizer):
         settings["lr"] = _value(first["lr"])
         return settings
 
-    # --- state: vectors split over the buckets' first parameters ----------------------------
+    # --- state: each parameter keeps its slice of every vector ---------------------------------
 
     def _load_state(self, space: ParamSpace) -> dict[str, Any]:
-        head = self.state.get(space.leaders[0], {})
+        """The solver's state with whole vectors, from the per-parameter slices."""
+        head = self.state.get(space.params[0], {})
         vector_keys = self._vector_keys + self._history_keys
         state = {k: v for k, v in head.items() if k not in vector_keys}
-        per_bucket = [self.state.get(leader, {}) for leader in space.leaders]
+        per_param = [self.state.get(p, {}) for p in space.params]
         for key in self._vector_keys:
-            if head.get(key) is None:
-                continue
-            pieces = [s.get(key) for s in per_bucket]
-            for b, piece in enumerate(pieces):
-                space.check_piece(key, piece, b)
-            state[key] = pieces
+            if head.get(key) is not None:
+                state[key] = space.join(key, [s.get(key) for s in per_param])
         for key in self._history_keys:
             if key not in head:
                 continue
-            lists = [s.get(key) for s in per_bucket]
+            lists = [s.get(key) for s in per_param]
             if any(not isinstance(x, list) or len(x) != len(head[key]) for x in lists):
-                raise ValueError(f"optimizer state {key!r} does not belong to these parameters; nothing was changed")
-            for b, entries in enumerate(lists):
-                for piece in entries:  # type: ignore[union-attr]
-                    space.check_piece(key, piece, b)
-            state[key] = [[x[i] for x in lists] for i in range(len(head[key]))]  # type: ignore[index]
+                raise ValueError(f"optimizer state {key!r} does not belong to these parameters (its lists differ "
+                                 "in length); nothing was changed")
+            state[key] = [space.join(key, [x[i] for x in lists]) for i in range(len(head[key]))]  # type: ignore[index]
         return state
 
     def _store_state(self, space: ParamSpace, state: dict[str, Any]) -> None:
+        """Each parameter gets its slice of every vector (a view, shaped and typed like it, so
+        checkpoints are checked and resharded like any optimizer's state); the solver's own
+        scalars go to the first parameter, 0-dim tensors as Python numbers."""
         vector_keys = self._vector_keys + self._history_keys
-        per_bucket: list[dict[str, Any]] = [{k: v for k, v in state.items() if k not in vector_keys}]
-        per_bucket += [{} for _ in space.leaders[1:]]
+        per_param: list[dict[str, Any]] = [{} for _ in space.params]
+        for key, value in state.items():
+            if key not in vector_keys:
+                per_param[0][key] = value.item() if isinstance(value, Tensor) and value.dim() == 0 else value
         for key in self._vector_keys:
             if key in state:
                 if state[key] is None:
-                    per_bucket[0][key] = None
+                    per_param[0][key] = None
                     continue
-                for b, piece in enumerate(state[key]):
-                    per_bucket[b][key] = piece
+                for entry, piece in zip(per_param, space.unflatten(state[key]), strict=True):
+                    entry[key] = piece
         for key in self._history_keys:
             if key in state:
-                for b, bucket_state in enumerate(per_bucket):
-                    bucket_state[key] = [v[b] for v in state[key]]
-        for leader, bucket_state in zip(space.leaders, per_bucket, strict=True):
-            self.state[leader] = bucket_state
+                slices = [space.unflatten(v) for v in state[key]]
+                for i, entry in enumerate(per_param):
+                    entry[key] = [views[i] for views in slices]
+        for p, entry in zip(space.params, per_param, strict=True):
+            self.state[p] = entry
 
     # --- the step --------------------------------------------------------------------------
 

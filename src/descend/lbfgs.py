@@ -29,10 +29,9 @@ one. A call stops when ``max_iter`` iterations or ``max_eval`` evaluations are s
 |φ_{k+1} − φ_k| fall below ``tolerance_change``. The next call continues with the memory.
 
 With one parameter group, no weight decay and no maximize, this is ``torch.optim.LBFGS``
-operation for operation (its state is laid out the same way, so either loads the other's
-checkpoints), quirks included: without a line search the last iteration of a call does not
-evaluate the closure at its new point, and the first trial step of the first iteration is
-lr·min(1, 1/‖g‖₁) also with the line search.
+operation for operation, bit for bit, quirks included: without a line search the last
+iteration of a call does not evaluate the closure at its new point, and the first trial step
+of the first iteration is lr·min(1, 1/‖g‖₁) also with the line search.
 
 Differences from torch:
 
@@ -43,6 +42,10 @@ Differences from torch:
 - ``maximize``; parameters on several devices or of several dtypes; DTensor parameters
   (reductions are global, see :mod:`descend.closure`).
 - ``c1`` and ``c2`` of the line search are arguments.
+- The state is per parameter (each keeps its slices of d, the last gradient and the history,
+  shaped like itself; the scalars are with the first parameter), so descend's checkpoint
+  checks and distributed checkpoints apply; torch keeps flat vectors with its first parameter,
+  so the two do not load each other's state dicts.
 - A non-finite value at a trial point makes the line search step back (torch would make the
   parameters NaN). Without a line search, a non-finite value after a step halves the step
   until the value is finite. If no finite point is found, the parameters stay where the
@@ -159,6 +162,9 @@ class LBFGS(ClosureSolver):
     _shared = ClosureSolver._shared + ("history_size",)
     _vector_keys = ("d", "prev_flat_grad")
     _history_keys = ("old_dirs", "old_stps")
+    _state_keys = ("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
+                   "prev_loss", "restart")
+    _group_keys = ("history_size", "max_iter", "line_search_fn")
 
     def __init__(self, params: Any, lr: float | Tensor = 1, max_iter: int = 20, max_eval: int | None = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
