@@ -15,9 +15,10 @@ are mathematically the same end with the same weights, to rounding:
 and runs that are not do not: coupled and decoupled decay with momentum, Adam+L2 and AdamW.
 
 Writes into ``--out``: ``demo.png`` (train loss, test accuracy, ‖θ‖ and the share of weights
-that are exactly 0, over training, one line per run), ``results.json`` (everything, curves included), ``results.csv`` (the table) and
-``weights.pt`` (the final parameters of each run, flattened). Results are written after each
-run, so an interrupted demo keeps the runs it finished.
+that are exactly 0, over training, one line per run), ``results.json`` (everything, curves
+included), ``results.csv`` (the table) and ``weights.pt`` (the final parameters of each run,
+flattened). Results are written after each run, so an interrupted demo keeps the runs it
+finished.
 """
 
 from __future__ import annotations
@@ -439,14 +440,15 @@ def _run_names(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="descend-demo",
                         help="output directory (default: ./descend-demo/)")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and minibatch order (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="initial weights and minibatch order (default: 0)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_EPOCHS} epochs instead of {EPOCHS} (well under 30 s)")
     parser.add_argument("--epochs", type=_positive_int, metavar="N",
                         help=f"epochs of each minibatch run (default: {EPOCHS}; the full-batch runs always get "
                         f"{FULL_BATCH_PASSES} gradient evaluations)")
     parser.add_argument("--only", type=_run_names, metavar="RUN[,RUN...]",
-                        help="run only these (names as in the table)")
+                        help=f"run only these (names as in the table: {', '.join(c.name for c in configurations())})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -361,7 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of weight decays (default: 8)")
     parser.add_argument("--epochs", type=_positive_int, default=EPOCHS, metavar="N",
                         help=f"epochs per cell (default: {EPOCHS})")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and minibatch order (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="initial weights and minibatch order (default: 0)")
     parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="worker processes (default: all cores, here %(default)s)")
     parser.add_argument("--methods", type=_methods, default=DEFAULT_METHODS, metavar="M[,M...]",
