@@ -221,3 +221,23 @@ def test_skip_nonfinite_steps_change_nothing(flat: bool) -> None:
         return [p.detach().clone() for p in params]
 
     assert max_abs_diff(run(True), run(False)) == 0.0
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize(("value", "dtype", "skipped"), [
+    (float("nan"), torch.float32, True), (float("inf"), torch.float32, True), (float("-inf"), torch.float64, True),
+    (1e30, torch.float32, False),   # finite, but its square overflows: the norm test must not skip it
+    (6e4, torch.float16, False),    # ditto in float16, whose norms are accumulated in float32
+    (float("inf"), torch.float16, True),
+])
+def test_nonfinite_guard_is_exact(value: float, dtype: torch.dtype, skipped: bool, flat: bool) -> None:
+    """The guard reads each gradient once (its 2-norm) and confirms a non-finite norm entry
+    by entry, so huge finite gradients are stepped and every NaN or ±inf is caught."""
+    p = torch.zeros(5, dtype=dtype, requires_grad=True)
+    q = torch.zeros(3, dtype=dtype, requires_grad=True)
+    opt = descend.SGD([p, q], lr=1e-40 if dtype != torch.float16 else 1e-3, nonfinite="skip", flat=flat)
+    p.grad = torch.tensor([0, value, value, 0, 0], dtype=dtype)
+    q.grad = torch.ones(3, dtype=dtype)
+    opt.step()
+    assert opt.skipped_steps == int(skipped)
+    assert (q.detach() != 0).all().item() is not skipped
