@@ -38,7 +38,8 @@ very first iteration is lr·min(1, 1/‖g‖₁), as in :class:`descend.LBFGS`; 
 interpolate the last decrease, t = min(lr, 1.01·2(φ_k − φ_{k−1})/φ'(0)) (N&W eq. 3.60, the
 choice of ``scipy.optimize.minimize(method="CG")``), since a conjugate direction, unlike a
 quasi-Newton one, has no natural unit step. Without a line search (``line_search_fn=None``)
-every step is lr.
+every step is lr; consecutive gradients are then rarely near-orthogonal, Powell's test
+restarts almost every iteration, and the method is close to gradient descent.
 
 Stopping tests, the ``step(closure)`` contract (one call runs up to ``max_iter`` iterations and
 returns the first loss; the next call continues with the saved direction and gradient),
@@ -98,6 +99,7 @@ class CGRule:
         self.tolerance_change = tolerance_change
 
     def direction(self, state: dict[str, Any], grad: Vector, first: bool) -> Vector:
+        state.setdefault("restarts", 0)
         beta: Scalar | None = None
         if not first and not state.pop("force_restart", False):
             due = self.restart_every is not None and state.get("since_restart", 0) + 1 >= self.restart_every
@@ -112,7 +114,7 @@ class CGRule:
                 state["since_restart"] = state.get("since_restart", 0) + 1
                 return d
         if not first:
-            state["restarts"] = state.get("restarts", 0) + 1
+            state["restarts"] += 1
         state["since_restart"] = 0
         return vec.neg(grad)
 
