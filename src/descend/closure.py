@@ -152,10 +152,6 @@ def clone(a: Vector) -> Vector:
     return [x.clone(memory_format=torch.contiguous_format) for x in a]
 
 
-def numel(a: Vector) -> int:
-    return sum(x.numel() for x in a)
-
-
 # --- the parameters as a vector ----------------------------------------------------------
 
 
@@ -296,13 +292,11 @@ class Objective:
         self.closure = closure
         self.decays = list(weight_decays)
         self.maximize = maximize
-        self.evaluations = 0
 
     def __call__(self) -> tuple[Any, float, Vector]:
         """(what the closure returned, φ, ∇φ) at the current parameters."""
         with torch.enable_grad():
             loss = self.closure()
-        self.evaluations += 1
         value = loss_value(loss)
         grads: list[Tensor | None] = []
         decayed: dict[float, list[Tensor]] = {}
