@@ -11,6 +11,10 @@ bias-corrected denominator in one expression).
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import pytest
 import torch
 
@@ -241,3 +245,46 @@ def test_nonfinite_guard_is_exact(value: float, dtype: torch.dtype, skipped: boo
     opt.step()
     assert opt.skipped_steps == int(skipped)
     assert (q.detach() != 0).all().item() is not skipped
+
+
+# --- the benchmark's fixed facts (its timings are not tested: see ``descend bench``) ------
+
+
+def test_bench_parameter_sets_have_the_models_shapes() -> None:
+    from descend import bench
+
+    def count(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+        return len(shapes), sum(math.prod(s) for s in shapes)
+
+    assert count(bench.param_shapes("resnet50")[1]) == (161, 25_557_032)  # torchvision resnet50
+    assert count(bench.param_shapes("gpt2")[1]) == (148, 124_439_808)  # Hugging Face gpt2, lm_head tied
+    assert count(bench.param_shapes("many-small")[1]) == (2000, 2_000_000)
+    assert count(bench.param_shapes("one-50m")[1]) == (1, 50_000_000)
+
+
+def test_bench_step_memory_counts_temporaries() -> None:
+    from descend import bench
+
+    x = torch.zeros(1 << 20)  # 4 MiB
+    assert bench.step_peak_bytes(lambda: x.add_(1)) < 1024  # (the scalar 1 becomes a tiny tensor)
+    peak = bench.step_peak_bytes(lambda: (x + 1).sum())  # one 4 MiB temporary
+    assert 4 << 20 <= peak < 5 << 20
+
+
+def test_bench_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Any,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from descend import bench
+
+    monkeypatch.setattr(bench, "param_shapes", lambda name, quick=False: ("tiny", [(300,), (20, 30), (7,)]))
+    out = tmp_path / "bench.json"
+    code = bench.main(["--sets", "many-small", "--optimizers", "sgd", "--steps", "1", "--warmup", "1",
+                       "--triad-mb", "8", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    for label in ("torch loop (torch's default)", "torch foreach", "torch fused", "descend (default)",
+                  "descend flat=True", "descend independent", "descend flat decoupled + L1"):
+        assert f"| {label} |" in text
+    rows = json.loads(out.read_text())["rows"]
+    fused = next(r for r in rows if r["label"] == "torch fused")
+    assert fused["vs_fastest"] <= 1.0 + 1e-12 and fused["gbps"] > 0
+    assert bench.main(["--sets", "nope"]) == 2

@@ -483,7 +483,8 @@ def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps
         print(modes_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "rows": [r.__dict__ for r in rows]}, f, indent=1)
+            json.dump({"machine": info, "args": vars(args), "rows": [r.__dict__ for r in rows]}, f, indent=1,
+                      default=str)
     return 0
 
 
