@@ -416,10 +416,6 @@ def test_closure_that_throws_changes_nothing(kind: str, impl: str) -> None:
     assert_unchanged(before, opt, params)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "RegularizedOptimizer._check_state (run by _prepare before any change) checks only the shape of state "
-    "tensors: an Adam state without 'exp_avg', or with a float32 'exp_avg' for a float64 parameter, raises "
-    "inside _update after the earlier groups (and earlier parameters of the same group) were already stepped"))
 @pytest.mark.parametrize("impl", ["single", "foreach", "fused"])
 @pytest.mark.parametrize("damage", ["missing", "dtype"])
 def test_adam_state_with_a_missing_entry_or_wrong_dtype_changes_nothing(impl: str, damage: str) -> None:

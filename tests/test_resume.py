@@ -123,11 +123,6 @@ def test_resumed_in_a_fresh_process_is_bit_identical(runs: dict[str, Any], name:
     assert_identical(resumed["scheduler"], ours["scheduler"], "scheduler")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "RegularizedOptimizer.load_state_dict -> torch's Optimizer.__setstate__ does "
-    "self.defaults.setdefault('differentiable', False), and RegularizedOptimizer._fill_group then copies every "
-    "default into every group: a loaded optimizer's groups (and its next state_dict) gain 'differentiable': False, "
-    "which the optimizer that saved it does not have"))
 @pytest.mark.parametrize("name", ["SGD-fused", "Adam-flat"])
 def test_loading_adds_no_group_keys(runs: dict[str, Any], name: str) -> None:
     resumed = runs["resumed"][name]

@@ -32,7 +32,14 @@ import torch
 from torch import Tensor
 
 from descend import regularization
-from descend.optimizer import GroupBatch, RegularizedOptimizer, _allowed, check_number, grouped_by_device_and_dtype
+from descend.optimizer import (
+    GroupBatch,
+    RegularizedOptimizer,
+    _allowed,
+    check_flag,
+    check_number,
+    grouped_by_device_and_dtype,
+)
 
 __all__ = ["Adam", "AdamW", "adam"]
 
@@ -195,6 +202,7 @@ class Adam(RegularizedOptimizer):
 
     _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _group_keys = ("betas", "eps", "amsgrad")
+    _required_state = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, l1: float = 0,
@@ -202,6 +210,7 @@ class Adam(RegularizedOptimizer):
                  fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l1=l1,
                         decay=decay, maximize=maximize, foreach=foreach, fused=fused)
+        check_flag("flat", flat)
         super().__init__(params, defaults, nonfinite=nonfinite)
         if flat:
             self._use_flat_storage()

@@ -64,6 +64,14 @@ def check_number(name: str, value: Any, *, low: float, high: float | None = None
         raise _allowed(name, value, f"a number in {lo}, {hi}")
 
 
+def check_flag(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a bool (or None where ``optional``): a string
+    such as "no" would otherwise count as True."""
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    raise _allowed(name, value, "True or False" + (" or None" if optional else ""))
+
+
 def check_regularization(group: dict[str, Any]) -> None:
     """The vocabulary every optimizer shares: weight_decay, l1 and decay."""
     check_number("weight_decay", group["weight_decay"], low=0)
@@ -120,6 +128,11 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
             raise _allowed("lr", group["lr"], "a float or a 1-element tensor")
         check_regularization(group)
+        for flag in ("maximize", "nesterov", "amsgrad"):
+            if flag in group:
+                check_flag(flag, group[flag])
+        for flag in ("foreach", "fused"):
+            check_flag(flag, group.get(flag), optional=True)
         if group.get("foreach") and group.get("fused"):
             raise ValueError("Invalid foreach=True with fused=True (allowed: at most one of them)")
         self._check_group(group)
@@ -135,7 +148,12 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         group.setdefault("base_lr", _value(group["lr"]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        ours = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
+        if not ours:
+            # torch's __setstate__ adds 'differentiable' to the defaults; descend has no such
+            # option, and loaded groups must keep exactly the keys they were saved with
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("nonfinite", "ignore")
         self.__dict__.setdefault("skipped_steps", 0)
         for group in self.param_groups:
@@ -204,13 +222,29 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         """The state of a parameter before its first step (subclasses override)."""
         return {}
 
+    #: (device type, dtype) pairs on which torch's fused kernel of this optimizer is wrong
+    _fused_broken: frozenset[tuple[str, torch.dtype]] = frozenset()
+
+    #: state entries every parameter with state must have (checked before a step changes anything)
+    _required_state: tuple[str, ...] = ()
+
     def _check_state(self, param: Tensor, state: dict[str, Any]) -> None:
-        """Existing state must fit its parameter; else nothing may change."""
+        """Existing state must fit its parameter (entries, shapes, dtypes); else nothing may change."""
+        missing = [k for k in self._required_state if k not in state]
+        if missing:
+            raise ValueError(f"the state of {self._describe_param(param)} lacks {missing}; nothing was changed")
         for key, value in state.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue  # scalars such as Adam's step are kept in float32 whatever the parameter
+            if value.shape != param.shape:
                 raise ValueError(
                     f"state {key!r} of {self._describe_param(param)} has shape {tuple(value.shape)}, "
-                    f"but the parameter has shape {tuple(param.shape)}"
+                    f"but the parameter has shape {tuple(param.shape)}; nothing was changed"
+                )
+            if value.dtype != param.dtype:
+                raise ValueError(
+                    f"state {key!r} of {self._describe_param(param)} has dtype {value.dtype}, "
+                    f"but the parameter has dtype {param.dtype}; nothing was changed"
                 )
 
     def _prepare(self) -> list[GroupBatch]:
@@ -380,11 +414,16 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         fused_devices, foreach_devices = _fused_devices(), _foreach_devices()
         fused_ok = ("fused" in self._fast_paths and plain and not complex_
                     and all(d in fused_devices and t.is_floating_point for d, t in kinds))
+        broken = [(d, t) for d, t in kinds if (d, t) in self._fused_broken]
         if group.get("fused"):
             if not fused_ok:
                 raise RuntimeError(
                     "fused=True needs floating-point, non-complex tensors on a device with fused kernels "
                     f"({', '.join(fused_devices)})")
+            if broken:
+                raise RuntimeError(
+                    f"fused=True: torch {torch.__version__}'s fused {type(self).__name__} kernel leaves "
+                    f"{broken[0][1]} parameters on {broken[0][0]} unchanged; use foreach=True")
             if not _one_dense_layout(batch):
                 raise RuntimeError(
                     "fused=True needs each parameter, its gradient and its state in one dense memory layout "
@@ -395,7 +434,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         foreach_ok = "foreach" in self._fast_paths and not complex_ and all(d in foreach_devices for d, _ in kinds)
         if group.get("foreach"):
             return "foreach" if foreach_ok else "single"
-        if fused_ok and _one_dense_layout(batch):
+        if fused_ok and not broken and _one_dense_layout(batch):
             return "fused"
         # DTensor (FSDP2) supports the foreach kernels, and they are torch's default for it too
         return "foreach" if foreach_ok and (plain or all(map(_is_dtensor, params))) else "single"

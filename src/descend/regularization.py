@@ -145,6 +145,10 @@ def prox_l1_(param: Tensor, threshold: float) -> None:
     For a complex θ, sgn(θ) = θ/|θ|, which shrinks the modulus and keeps the phase."""
     if threshold == 0:
         return
+    if not param.is_complex():
+        # θ − clamp(θ, −t, t): the same value, and the same rounding as the multi-tensor path
+        param.sub_(param.clamp(-threshold, threshold))
+        return
     magnitude = (param.abs() - threshold).clamp_(min=0)
     param.copy_(torch.sgn(param) * magnitude)
 
