@@ -83,12 +83,16 @@ def _combine(parts: list[Tensor], how: str) -> Tensor:
 
 def dot(a: Vector, b: Vector) -> Tensor:
     """*reduction* aᵀb, a 0-dim tensor."""
+    if len(a) == 1 and type(a[0]) is Tensor:  # one flat local piece: the common case, kept cheap
+        return a[0].dot(b[0])
     return _combine([_to_local_scalar(x.dot(y) if x.dim() == 1 and not is_dtensor(x) else (x * y).sum())
                      for x, y in zip(a, b, strict=True)], "sum")
 
 
 def max_abs(a: Vector) -> Tensor:
     """*reduction* ‖a‖_∞ (NaN if any element is NaN), a 0-dim tensor."""
+    if len(a) == 1 and type(a[0]) is Tensor:
+        return a[0].abs().max()
     return _combine([_to_local_scalar(x.abs().max()) for x in a], "max")
 
 
@@ -143,6 +147,9 @@ def mul(a: Vector, s: Scalar) -> Vector:
 
 def add_(a: Vector, b: Vector, alpha: Scalar) -> Vector:
     """a ← a + alpha·b in place."""
+    if len(a) == 1:
+        a[0].add_(b[0], alpha=alpha)  # type: ignore[arg-type]
+        return a
     for x, y in zip(a, b, strict=True):
         x.add_(y, alpha=alpha)  # type: ignore[arg-type]
     return a
@@ -456,12 +463,44 @@ class ClosureSolver(RegularizedOptimizer):
         return settings
 
     # --- state: each parameter keeps its slice of every vector ---------------------------------
+    #
+    # Between steps the solver's vectors live twice, at no cost in memory: as flat pieces (what
+    # the solver computes with) and as per-parameter views of them in ``self.state`` (what
+    # checkpoints see). ``_stored`` remembers what the last step wrote, so the next one takes
+    # the flat pieces back without a copy or a check as long as every state entry is still the
+    # very object written; anything else (a loaded checkpoint, an edited state) is rebuilt from
+    # the per-parameter slices and checked.
+
+    def _signature(self, space: ParamSpace) -> list[Any]:
+        return [(id(p), p.shape, p.dtype, p.device) for p in space.params]
+
+    def _unchanged(self, space: ParamSpace) -> dict[str, Any] | None:
+        """The flat vectors of the last step, if the state still holds exactly what it wrote."""
+        stored = getattr(self, "_stored", None)
+        if stored is None or stored["signature"] != self._signature(space):
+            return None
+        for p, written in zip(space.params, stored["entries"], strict=True):
+            entry = self.state.get(p)
+            if entry is None:
+                return None
+            for key, value in written.items():
+                now = entry.get(key)
+                if now is not value:
+                    return None
+                if isinstance(value, list) and list(map(id, now)) != stored["items"][id(p), key]:
+                    return None  # (the ids are of views ``_views`` keeps alive, so none is reused)
+        return stored["vectors"]  # type: ignore[no-any-return]
 
     def _load_state(self, space: ParamSpace) -> dict[str, Any]:
         """The solver's state with whole vectors, from the per-parameter slices."""
         head = self.state.get(space.params[0], {})
         vector_keys = self._vector_keys + self._history_keys
         state = {k: v for k, v in head.items() if k not in vector_keys}
+        vectors = self._unchanged(space)
+        if vectors is not None:
+            state.update({k: list(v) if isinstance(v, list) and k in self._history_keys else v
+                          for k, v in vectors.items()})
+            return state
         per_param = [self.state.get(p, {}) for p in space.params]
         for key in self._vector_keys:
             if head.get(key) is not None:
@@ -481,24 +520,43 @@ class ClosureSolver(RegularizedOptimizer):
         checkpoints are checked and resharded like any optimizer's state); the solver's own
         scalars go to the first parameter, 0-dim tensors as Python numbers."""
         vector_keys = self._vector_keys + self._history_keys
+        previous = getattr(self, "_views", {})
+        views: dict[int, tuple[Vector, list[Tensor]]] = {}
+
+        def slices(v: Vector) -> list[Tensor]:
+            hit = previous.get(id(v)) or views.get(id(v))
+            cut = hit[1] if hit is not None and hit[0] is v else space.unflatten(v)
+            views[id(v)] = (v, cut)
+            return cut
+
         per_param: list[dict[str, Any]] = [{} for _ in space.params]
         for key, value in state.items():
             if key not in vector_keys:
                 per_param[0][key] = value.item() if isinstance(value, Tensor) and value.dim() == 0 else value
+        written: list[dict[str, Any]] = [{} for _ in space.params]
+        vectors: dict[str, Any] = {}
         for key in self._vector_keys:
             if key in state:
+                vectors[key] = state[key]
                 if state[key] is None:
                     per_param[0][key] = None
                     continue
-                for entry, piece in zip(per_param, space.unflatten(state[key]), strict=True):
-                    entry[key] = piece
+                for entry, record, piece in zip(per_param, written, slices(state[key]), strict=True):
+                    entry[key] = record[key] = piece
         for key in self._history_keys:
             if key in state:
-                slices = [space.unflatten(v) for v in state[key]]
-                for i, entry in enumerate(per_param):
-                    entry[key] = [views[i] for views in slices]
+                vectors[key] = list(state[key])
+                cut = [slices(v) for v in state[key]]
+                for i, (entry, record) in enumerate(zip(per_param, written, strict=True)):
+                    entry[key] = record[key] = [c[i] for c in cut]
         for p, entry in zip(space.params, per_param, strict=True):
             self.state[p] = entry
+        self._views = views
+        self._stored = {
+            "signature": self._signature(space), "entries": written, "vectors": vectors,
+            "items": {(id(p), k): list(map(id, record[k])) for p, record in zip(space.params, written, strict=True)
+                      for k in self._history_keys if k in record},
+        }
 
     # --- the step --------------------------------------------------------------------------
 
