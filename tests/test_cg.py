@@ -103,8 +103,8 @@ def _numpy_beta(rule, g, gp, d):
         return g @ y / (d @ y)
     if rule == "DY":
         return g @ g / (d @ y)
-    beta_n = (y - 2 * d * (y @ y) / (d @ y)) @ g / (d @ y)  # Hager & Zhang 2005, eq. (1.3)
-    eta = -1 / (np.linalg.norm(d) * min(0.01, np.linalg.norm(gp)))  # Hager & Zhang 2006, eq. (2.4)
+    beta_n = (y - 2 * d * (y @ y) / (d @ y)) @ g / (d @ y)  # Hager & Zhang 2005
+    eta = -1 / (np.linalg.norm(d) * min(0.01, np.linalg.norm(gp)))  # Hager & Zhang 2006 (CG_DESCENT)
     return max(beta_n, eta)
 
 

@@ -22,12 +22,12 @@ with t_k from the strong Wolfe line search of :mod:`descend.linesearch` and β b
           η_k = −1 / (‖d_k‖·min(0.01, ‖g_k‖))
 ========  ==================================================================  ==========================
 
-(N&W eq. 5.41a, 5.44, 5.45, 5.46, 5.49; the ``"HZ"`` truncation is that of CG_DESCENT.)
+(N&W §5.2; the ``"HZ"`` truncation is that of CG_DESCENT, Hager & Zhang 2006.)
 On a strongly convex quadratic with exact line searches every rule is linear CG, which
 reaches the minimizer in at most n iterations.
 
 **Restarts** (d_{k+1} = −g_{k+1}): with ``restart="powell"`` when consecutive gradients are far
-from orthogonal, |g_{k+1}ᵀg_k| ≥ 0.2·‖g_{k+1}‖² (Powell 1977; N&W eq. 5.52); every
+from orthogonal, |g_{k+1}ᵀg_k| ≥ 0.2·‖g_{k+1}‖² (Powell 1977; N&W §5.2); every
 ``restart_every`` iterations if set; and always when d_{k+1} is not a descent direction
 (g_{k+1}ᵀd_{k+1} > −``tolerance_change``) or a denominator of β vanishes. A line search
 that finds no lower point along a conjugate direction is retried along −g.
@@ -35,7 +35,7 @@ that finds no lower point along a conjugate direction is retried along −g.
 **Step lengths.** ``c2`` defaults to 0.1: with c₂ < 1/2 the strong Wolfe conditions make every
 Fletcher–Reeves direction a descent direction (N&W Lemma 5.6). The first trial step of the
 very first iteration is lr·min(1, 1/‖g‖₁), as in :class:`descend.LBFGS`; later ones
-interpolate the last decrease, t = min(lr, 1.01·2(φ_k − φ_{k−1})/φ'(0)) (N&W eq. 3.60, the
+interpolate the last decrease, t = min(lr, 1.01·2(φ_k − φ_{k−1})/φ'(0)) (N&W §3.5, the
 choice of ``scipy.optimize.minimize(method="CG")``), since a conjugate direction, unlike a
 quasi-Newton one, has no natural unit step. Without a line search (``line_search_fn=None``)
 every step is lr; consecutive gradients are then rarely near-orthogonal, Powell's test
@@ -124,7 +124,7 @@ class CGRule:
             return vec.first_step(grad, lr)
         prev_value, prev_t = state.get("prev_loss"), state.get("t")
         if prev_value is not None:
-            # the minimizer of the quadratic with φ(0), φ'(0) whose decrease is the last one (N&W eq. 3.60)
+            # the minimizer of the quadratic with φ(0), φ'(0) whose decrease is the last one (N&W §3.5)
             guess = 1.01 * 2 * (value - prev_value) / float(gtd)
             if math.isfinite(guess) and guess > 0:
                 return min(lr, guess)
