@@ -521,7 +521,6 @@ _NO_NONFINITE = ("LBFGS and ConjugateGradient do not accept nonfinite= (ClosureS
                  "'ignore'): TypeError: unexpected keyword argument 'nonfinite'")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=_NO_NONFINITE)
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_closure_solver_skip_changes_nothing_and_counts(solver: str) -> None:
     params = _quadratic_params()
@@ -535,7 +534,6 @@ def test_closure_solver_skip_changes_nothing_and_counts(solver: str) -> None:
     assert opt.skipped_steps == 1  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=_NO_NONFINITE)
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_closure_solver_raise_names_the_parameter_and_changes_nothing(solver: str) -> None:
     params = _quadratic_params()

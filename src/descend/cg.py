@@ -185,6 +185,12 @@ class ConjugateGradient(ClosureSolver):
         weight_decay: λ ≥ 0, per group: the objective gains λ/2·‖θ‖² (default 0).
         decay: ``"coupled"`` only (weight decay is part of the objective).
         maximize: maximize the closure's loss instead of minimizing it.
+        nonfinite: ``"ignore"`` (default), ``"skip"`` or ``"raise"`` for a non-finite gradient at
+            the step's starting point (see :class:`~descend.closure.ClosureSolver`).
+        process_group: DDP: None (default, no reduction), True or ``"default"`` (the default
+            group) or a process group: the closure's loss is averaged over it, so the ranks take
+            the same decisions. DTensor (FSDP2) parameters need nothing: the loss is averaged
+            over their mesh.
 
     The formulas, restarts and step rule are in the docstring of :mod:`descend.cg`.
     """
@@ -199,12 +205,13 @@ class ConjugateGradient(ClosureSolver):
                  max_eval: int | None = None, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
                  line_search_fn: str | None = "strong_wolfe", restart: str | None = "powell", *,
                  restart_every: int | None = None, c1: float = 1e-4, c2: float = 0.1, weight_decay: float = 0,
-                 decay: str = "coupled", l1: float = 0, maximize: bool = False) -> None:
+                 decay: str = "coupled", l1: float = 0, maximize: bool = False,
+                 nonfinite: str = "ignore", process_group: Any = None) -> None:
         defaults = dict(lr=lr, beta=beta, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
                         tolerance_change=tolerance_change, line_search_fn=line_search_fn, restart=restart,
                         restart_every=restart_every, c1=c1, c2=c2, weight_decay=weight_decay, decay=decay, l1=l1,
                         maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite, process_group=process_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

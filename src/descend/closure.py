@@ -17,9 +17,20 @@ and abs-sum norms of their stopping tests and first step, the value of the loss 
 weight-decay penalty — goes through the few functions of this module marked *reduction*
 (:func:`dot`, :func:`max_abs`, :func:`abs_sum`, :func:`loss_value`, :func:`squared_norm`).
 Nothing else in the solvers looks at more than one element at a time, so making them global
-across a process group is a change to these functions alone. Today a DTensor piece is
-reduced by DTensor itself (the partial result is all-reduced over its mesh by
-``full_tensor()``); ordinary tensors are reduced locally.
+across a process group is a change to these functions alone. A DTensor piece is reduced by
+DTensor itself (the partial result is all-reduced over its mesh by ``full_tensor()``);
+ordinary tensors are reduced locally (under DDP their gradients are already averaged, so
+every rank holds the same vectors and the same reductions).
+
+The loss
+--------
+The loss a closure returns is each rank's own (its share of the batch), as in single-process
+code. :func:`loss_value` averages it over the ranks that share the parameters, as the
+gradients are averaged: over the device mesh of DTensor (FSDP2) parameters, or over the
+``process_group`` given to the solver (DDP). The ranks' values are all-gathered and combined
+in rank order, so every rank gets the same bits; where they are all equal (a closure that
+already returns the global loss) that value itself is used, unchanged. So every rank takes
+the same line-search decisions.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 from torch import Tensor
 
 from descend import regularization
-from descend.optimizer import RegularizedOptimizer, _allowed, _value, check_number
+from descend.optimizer import RegularizedOptimizer, _all_finite, _allowed, _value, check_number
 
 __all__ = ["ParamSpace", "Objective", "ClosureSolver", "Outcome", "Vector", "dot", "max_abs", "abs_sum",
            "loss_value", "squared_norm", "is_finite"]
@@ -101,11 +112,51 @@ def abs_sum(a: Vector) -> Tensor:
     return _combine([_to_local_scalar(x.abs().sum()) for x in a], "sum")
 
 
-def loss_value(loss: Any) -> float:
-    """*reduction* The value of a closure's loss as a Python float."""
+def loss_value(loss: Any, groups: Sequence[Any] = ()) -> float:
+    """*reduction* The value of a closure's loss as a Python float, averaged over ``groups``.
+
+    A DTensor loss is made whole by DTensor. Then, for each process group in turn, the ranks'
+    values are all-gathered; if they are all equal, the value is kept as it is (a loss that is
+    already global is unchanged, bit for bit), else it becomes their mean, summed in rank order
+    (the same bits on every rank)."""
     if isinstance(loss, Tensor):
         loss = _to_local_scalar(loss.detach())
-    return float(loss)
+    value = float(loss)
+    for group in groups:
+        value = _average(value, group)
+    return value
+
+
+def _average(value: float, group: Any) -> float:
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return value
+    mine = torch.tensor([value], dtype=torch.float64, device=_collective_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    values = [float(t) for t in gathered]
+    if all(v == values[0] for v in values):
+        return values[0]  # the loss is already global (or every rank's share has the same loss)
+    return sum(values) / world  # in rank order: the same bits on every rank
+
+
+def _collective_device(group: Any) -> torch.device:
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group))
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def mesh_groups(params: Sequence[Tensor]) -> list[Any]:
+    """The process groups of the device mesh of the first DTensor in ``params`` (one per mesh
+    dimension; averaging over each in turn is the mean over the whole mesh), or []."""
+    for p in params:
+        if is_dtensor(p):
+            mesh = p.device_mesh  # type: ignore[attr-defined]
+            return [mesh.get_group(i) for i in range(mesh.ndim)]
+    return []
 
 
 def squared_norm(tensors: Sequence[Tensor]) -> float:
@@ -294,17 +345,23 @@ class Objective:
     """
 
     def __init__(self, space: ParamSpace, closure: Callable[[], Any], weight_decays: Sequence[float],
-                 maximize: bool) -> None:
+                 maximize: bool, loss_groups: Sequence[Any] = ()) -> None:
         self.space = space
         self.closure = closure
         self.decays = list(weight_decays)
         self.maximize = maximize
+        self.loss_groups = list(loss_groups)
+        #: called once, with the closure's loss, after the first evaluation (the non-finite guard)
+        self.guard: Callable[[Any], None] | None = None
 
     def __call__(self) -> tuple[Any, float, Vector]:
         """(what the closure returned, φ, ∇φ) at the current parameters."""
         with torch.enable_grad():
             loss = self.closure()
-        value = loss_value(loss)
+        if self.guard is not None:
+            guard, self.guard = self.guard, None
+            guard(loss)
+        value = loss_value(loss, self.loss_groups)
         grads: list[Tensor | None] = []
         decayed: dict[float, list[Tensor]] = {}
         for p, wd in zip(self.space.params, self.decays, strict=True):
@@ -343,6 +400,7 @@ STOP_MESSAGES = {
     "line_search": "the line search found no lower point along the search direction",
     "nonfinite": "the closure returned a non-finite value and no finite point was found",
     "callback": "the callback asked to stop",
+    "skipped": "the gradient at the starting point was not finite; nothing was changed (nonfinite='skip')",
 }
 
 
@@ -377,6 +435,30 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+class _Skipped(Exception):
+    """Raised by the non-finite guard under ``nonfinite="skip"``; carries the closure's loss."""
+
+    def __init__(self, loss: Any) -> None:
+        super().__init__("skipped")
+        self.loss = loss
+
+
+def _process_groups(process_group: Any) -> list[Any]:
+    """``process_group=`` as a list of groups: None → [], True or "default" → the default group."""
+    if process_group is None or process_group is False:
+        return []
+    import torch.distributed as dist
+
+    if process_group is True or process_group == "default":
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group=True needs an initialized default process group "
+                             "(torch.distributed.init_process_group)")
+        return [dist.group.WORLD]
+    if isinstance(process_group, str):
+        raise _allowed("process_group", process_group, "None, True, 'default' or a torch.distributed ProcessGroup")
+    return [process_group]
+
+
 class ClosureSolver(RegularizedOptimizer):
     """The base class of :class:`descend.LBFGS` and :class:`descend.ConjugateGradient`.
 
@@ -387,6 +469,18 @@ class ClosureSolver(RegularizedOptimizer):
     every other optimizer's state is; the solver's scalars (iteration and evaluation counts,
     step length, ρ_i, …) are kept with the first parameter. A step works on copies and writes
     the state only at the end; if it raises, parameters and state are as they were.
+
+    ``nonfinite`` ("ignore", "skip" or "raise") looks at the gradients of the step's first
+    closure evaluation (its starting point): with "skip", a non-finite one makes the whole
+    ``step`` change nothing (parameters, state) but ``skipped_steps``, and it returns that
+    first loss; with "raise", a ``FloatingPointError`` names the first offending parameter and
+    nothing is changed. Non-finite values at the line search's trial points make it step back,
+    whatever the mode.
+
+    ``process_group`` (DDP): None (no reduction), True or ``"default"`` (the default group), or
+    a ``torch.distributed`` process group: the closure's loss is averaged over it (the
+    gradients are averaged by DDP already), so every rank takes the same decisions. With
+    DTensor (FSDP2) parameters the loss is averaged over their device mesh without it.
     """
 
     _fast_paths: tuple[str, ...] = ()
@@ -397,12 +491,14 @@ class ClosureSolver(RegularizedOptimizer):
     _vector_keys: tuple[str, ...] = ()
     _history_keys: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore",
+                 process_group: Any = None) -> None:
         _check_int("max_iter", defaults["max_iter"], 1)
         if defaults["max_eval"] is None:
             defaults["max_eval"] = defaults["max_iter"] * 5 // 4  # torch's default
         self.last_stop: str | None = None
-        super().__init__(params, defaults)
+        self._loss_groups = _process_groups(process_group)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # --- validation ----------------------------------------------------------------------
 
@@ -580,10 +676,18 @@ class ClosureSolver(RegularizedOptimizer):
         decays = [_value(g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
         space = ParamSpace(params)
         state = self._load_state(space)
-        objective = Objective(space, closure, decays, settings["maximize"])
+        loss_groups = getattr(self, "_loss_groups", []) or mesh_groups(params)
+        objective = Objective(space, closure, decays, settings["maximize"], loss_groups)
+        if getattr(self, "nonfinite", "ignore") != "ignore":
+            objective.guard = self._guard
         saved = space.save()
         try:
             new_state, outcome = self._solve(objective, state, settings, callback)
+        except _Skipped as skipped:
+            space.restore(saved)
+            self.skipped_steps += 1
+            self.last_stop = "skipped"
+            return Outcome(loss=skipped.loss, reason="skipped", value=None, grad=None, iterations=0, evaluations=1)
         except BaseException:
             space.restore(saved)
             raise
@@ -591,7 +695,28 @@ class ClosureSolver(RegularizedOptimizer):
         self.last_stop = outcome.reason
         return outcome
 
+    def _guard(self, loss: Any) -> None:
+        """The non-finite check of the gradients at the step's starting point (every rank runs
+        the same collectives, in order, for DTensor gradients, and so takes the same decision)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if _grads_finite(grads):
+            return
+        if self.nonfinite == "raise":
+            culprit = next(p for p in params if p.grad is not None and not _all_finite(p.grad))
+            raise FloatingPointError(f"non-finite gradient in {self._describe_param(culprit)}; nothing was "
+                                     "changed (nonfinite='raise')")
+        raise _Skipped(loss)
+
     def _solve(self, objective: Objective, state: dict[str, Any], settings: dict[str, Any],
                callback: IterationCallback | None) -> tuple[dict[str, Any], Outcome]:
         raise NotImplementedError
+
+
+def _grads_finite(grads: Sequence[Tensor]) -> bool:
+    """Every entry of every gradient is finite (DTensors over all their shards, one collective each)."""
+    plain = [g.to_dense() if g.is_sparse else g for g in grads if not is_dtensor(g) and g.numel()]
+    flags = [torch.isfinite(g).all() for g in plain]
+    finite = not flags or bool(torch.stack([f.cpu() for f in flags]).all())
+    return finite and all([_all_finite(g) for g in grads if is_dtensor(g)])
 
