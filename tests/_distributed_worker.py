@@ -14,7 +14,8 @@ layer, Linear(8, 1), leaves rank 1 with empty shards under FSDP2 on purpose.
 
 Jobs:
     train   (2 ranks): DDP, ZeroRedundancyOptimizer, FSDP2, names and explain on a sharded
-            model, saving a distributed checkpoint.
+            model, saving a distributed checkpoint; the closure solvers (L-BFGS, CG) under
+            FSDP2 and under DDP with process_group, torch's L-BFGS drifting, ZeRO refused.
     resume  (2 ranks, fresh processes): load that checkpoint, continue, compare; then a
             non-finite gradient in one rank's shard under FSDP2.
     resume1 (1 rank): load it into one process (world size 2 → 1), plain and FSDP2 models.
@@ -469,6 +470,118 @@ def check_fsdp_nonfinite(mode: str, group: Any) -> Callable[[Check], None]:
     return run
 
 
+
+# --- closure solvers (L-BFGS, conjugate gradient) -------------------------------------------
+
+
+#: (class, options): a strong Wolfe line search, so the loss values decide the step lengths
+CLOSURE_SOLVERS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "LBFGS": (descend.LBFGS, dict(lr=1, max_iter=6, history_size=4, line_search_fn="strong_wolfe",
+                                  weight_decay=1e-3)),
+    "CG": (descend.ConjugateGradient, dict(max_iter=6, weight_decay=1e-3)),
+}
+CLOSURE_STEPS = 3
+
+
+def train_closure(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]]) -> list[float]:
+    """``step(closure)`` per batch; the closure is single-process code on this rank's batch."""
+    losses = []
+    for x, y in batches:
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+    return losses
+
+
+def closure_reference(name: str, batches: list[tuple[Tensor, Tensor]]) -> nn.Module:
+    cls, kw = CLOSURE_SOLVERS[name]
+    model = make_model()
+    train_closure(model, cls(model.parameters(), **kw), batches)
+    return model
+
+
+def check_closure_fsdp(name: str) -> Callable[[Check], None]:
+    """L-BFGS / CG on a fully_shard-ed model: the loss is averaged over the mesh, the dot
+    products are DTensor reductions, so every rank takes the single process's decisions."""
+
+    def run(c: Check) -> None:
+        cls, kw = CLOSURE_SOLVERS[name]
+        batches = make_batches(CLOSURE_STEPS)
+        model = shard(make_model())
+        opt = cls(model.parameters(), **kw)
+        losses = train_closure(model, opt, [local(b, RANK, WORLD) for b in batches])
+        ref = closure_reference(name, batches)
+        c.within("max |θ_fsdp2 − θ_single|", max_abs_diff(param_dict(model), param_dict(ref)), TOL64)
+        c.info.update(local_losses=losses, last_stop=opt.last_stop)
+
+    return run
+
+
+def check_closure_ddp(name: str) -> Callable[[Check], None]:
+    """Under DDP with process_group=True: ranks stay identical and equal the single process."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(c: Check) -> None:
+        cls, kw = CLOSURE_SOLVERS[name]
+        batches = make_batches(CLOSURE_STEPS)
+        ddp = DDP(make_model())
+        opt = cls(ddp.parameters(), process_group=True, **kw)
+        losses = train_closure(ddp, opt, [local(b, RANK, WORLD) for b in batches])
+        ref = closure_reference(name, batches)
+        c.within("max |θ_ddp − θ_single|", max_abs_diff(param_dict(ddp), param_dict(ref)), TOL64)
+        c.within("max |θ_rank − θ_rank0|", ranks_differ_by(ddp), 0.0)
+        c.info.update(local_losses=losses)
+
+    return run
+
+
+def check_torch_lbfgs_ddp_drifts(c: Check) -> None:
+    """Why process_group exists: torch's L-BFGS under DDP gets the averaged gradient but each
+    rank's own loss, so its line searches decide differently and the ranks drift apart. (Under
+    real DDP the ranks then also run different numbers of backward passes, and DDP's all-reduce
+    hangs; here the closure computes the global-batch gradient itself, as DDP would give it,
+    so that the ranks can drift without a collective.)"""
+    batches = make_batches(CLOSURE_STEPS)
+    model = make_model()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=6, history_size=4, line_search_fn="strong_wolfe")
+    for batch in batches:
+        x, y = local(batch, RANK, WORLD)
+
+        def closure(batch: tuple[Tensor, Tensor] = batch, x: Tensor = x, y: Tensor = y) -> Tensor:
+            opt.zero_grad()
+            F.mse_loss(model(batch[0]), batch[1]).backward()  # DDP's averaged gradient
+            with torch.no_grad():
+                return F.mse_loss(model(x), y)  # this rank's own loss
+
+        opt.step(closure)
+    drift = ranks_differ_by(model)
+    c.info["evaluations"] = opt.state[next(iter(model.parameters()))]["func_evals"]
+    c.info["max |θ_rank − θ_rank0| (torch.optim.LBFGS)"] = drift
+    c.expect("torch.optim.LBFGS ranks differ", drift > 1e-6, drift)
+
+
+def check_closure_zero(c: Check) -> None:
+    """ZeroRedundancyOptimizer partitions the parameters: each rank would run its own L-BFGS on
+    its partition (another algorithm), so the closure solvers refuse to be its local optimizer."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(make_model())
+    for name, (cls, kw) in CLOSURE_SOLVERS.items():
+        try:
+            ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, **kw)
+            outcome = "accepted"
+        except TypeError as e:
+            outcome = f"TypeError: {e}"
+        c.info[name] = outcome
+        c.expect(f"{name} under ZeRO: a clear TypeError", outcome.startswith("TypeError") and
+                 "ZeroRedundancyOptimizer" in outcome, outcome)
+
+
 # --- distributed checkpoints -------------------------------------------------------------
 
 
@@ -634,6 +747,11 @@ def job_train(rec: Recorder, shared: Path) -> None:
         rec.run(f"dcp/save-2-ranks-{name}", check_dcp_save(name, shared))
     for name in ("ddp", "fsdp2"):
         rec.run(f"examples/{name}", check_example(name))
+    for name in CLOSURE_SOLVERS:
+        rec.run(f"closure/fsdp2-{name}", check_closure_fsdp(name))
+        rec.run(f"closure/ddp-{name}", check_closure_ddp(name))
+    rec.run("closure/torch-LBFGS-ddp-drifts", check_torch_lbfgs_ddp_drifts)
+    rec.run("closure/zero-refused", check_closure_zero)
 
 
 def job_resume(rec: Recorder, shared: Path) -> None:

@@ -5,7 +5,8 @@ and compares). Here we launch them and assert their records:
 
 - gloo on 127.0.0.1 only: this process holds the TCPStore on a port the OS picks (port 0),
   so parallel runs (pytest-xdist) never race for a port; gloo binds the loopback interface.
-- two launches: ``train`` (2 ranks: every check that needs no fresh process), then side by
+- two launches: ``train`` (2 ranks: every check that needs no fresh process, the closure
+  solvers included), then side by
   side ``resume`` (2 fresh ranks load train's checkpoint, then the non-finite checks, last
   because a failure there stalls a rank until its group times out) and ``resume1`` (1 rank
   loads the checkpoint). Under xdist each launch runs once per session (a file lock in the
@@ -210,3 +211,27 @@ def test_distributed_checkpoint_from_two_ranks_loads_into_one(jobs: Jobs, spec: 
 def test_examples_run_in_two_ranks_and_their_claims_hold(jobs: Jobs, example: str) -> None:
     """examples/ddp.py and examples/fsdp2.py in two ranks (the group torchrun would make)."""
     assert_check(jobs, "train", "train", f"examples/{example}")
+
+
+CLOSURE_SOLVERS = ["LBFGS", "CG"]
+
+
+@pytest.mark.parametrize("solver", CLOSURE_SOLVERS)
+def test_closure_solver_on_fsdp2_matches_single_process(jobs: Jobs, solver: str) -> None:
+    """Each rank's closure returns its own loss; the solver averages it over the mesh."""
+    assert_check(jobs, "train", "train", f"closure/fsdp2-{solver}")
+
+
+@pytest.mark.parametrize("solver", CLOSURE_SOLVERS)
+def test_closure_solver_under_ddp_with_process_group_matches_single_process(jobs: Jobs, solver: str) -> None:
+    assert_check(jobs, "train", "train", f"closure/ddp-{solver}")
+
+
+def test_torch_lbfgs_with_local_losses_lets_ranks_drift_apart(jobs: Jobs) -> None:
+    """The oracle for why process_group exists (torch.optim.LBFGS, the global-batch gradient,
+    each rank's own loss)."""
+    assert_check(jobs, "train", "train", "closure/torch-LBFGS-ddp-drifts")
+
+
+def test_closure_solvers_refuse_to_be_zero_local_optimizers(jobs: Jobs) -> None:
+    assert_check(jobs, "train", "train", "closure/zero-refused")

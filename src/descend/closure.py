@@ -104,7 +104,24 @@ def max_abs(a: Vector) -> Tensor:
     """*reduction* ‖a‖_∞ (NaN if any element is NaN), a 0-dim tensor."""
     if len(a) == 1 and type(a[0]) is Tensor:
         return a[0].abs().max()
-    return _combine([_to_local_scalar(x.abs().max()) for x in a], "max")
+    return _combine([_dtensor_max_abs(x) if is_dtensor(x) else x.abs().max() for x in a], "max")
+
+
+def _dtensor_max_abs(x: Tensor) -> Tensor:
+    """‖x‖_∞ of a DTensor: the local shard's (0 for an empty shard, which torch's max rejects),
+    then the maximum over the mesh, all-gathered so that a NaN on any rank reaches every rank."""
+    import torch.distributed as dist
+
+    local = x.to_local()  # type: ignore[attr-defined]
+    value = local.abs().max() if local.numel() else local.new_zeros(())
+    for group in mesh_groups([x]):
+        world = dist.get_world_size(group)
+        if world == 1:
+            continue
+        gathered = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(gathered, value.contiguous(), group=group)
+        value = torch.stack(gathered).max()
+    return value
 
 
 def abs_sum(a: Vector) -> Tensor:
@@ -459,6 +476,31 @@ def _process_groups(process_group: Any) -> list[Any]:
     return [process_group]
 
 
+def _refuse_zero(name: str) -> None:
+    """A closure solver made as the local optimizer of ``ZeroRedundancyOptimizer`` is refused.
+
+    ZeRO gives each rank's optimizer only its partition of the parameters: each rank would run
+    its own L-BFGS or CG on its partition (a block-diagonal method, not this one), with its own
+    line search calling the closure a number of times of its own, so the collectives of the
+    model's backward (DDP's all-reduce) would not match across ranks and hang."""
+    import sys
+
+    frame: Any = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if any(c.__name__ == "ZeroRedundancyOptimizer" and c.__module__.startswith("torch.distributed")
+               for c in type(owner).__mro__):
+            raise TypeError(
+                f"{name} cannot be the local optimizer of ZeroRedundancyOptimizer: ZeRO gives each rank only "
+                f"its partition of the parameters, so each would run a different {name} on its part (not one "
+                f"{name} over the model), with line searches evaluating the closure a different number of "
+                f"times on each rank (the model's collectives would hang). Use {name} over all parameters "
+                "(DDP with process_group=True, or FSDP2)")
+        frame = frame.f_back
+
+
 class ClosureSolver(RegularizedOptimizer):
     """The base class of :class:`descend.LBFGS` and :class:`descend.ConjugateGradient`.
 
@@ -497,6 +539,7 @@ class ClosureSolver(RegularizedOptimizer):
         if defaults["max_eval"] is None:
             defaults["max_eval"] = defaults["max_iter"] * 5 // 4  # torch's default
         self.last_stop: str | None = None
+        _refuse_zero(type(self).__name__)
         self._loss_groups = _process_groups(process_group)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
