@@ -6,10 +6,9 @@ and compares). Here we launch them and assert their records:
 - gloo on 127.0.0.1 only: this process holds the TCPStore on a port the OS picks (port 0),
   so parallel runs (pytest-xdist) never race for a port; gloo binds the loopback interface.
 - two launches: ``train`` (2 ranks: every check that needs no fresh process, the closure
-  solvers included), then side by
-  side ``resume`` (2 fresh ranks load train's checkpoint, then the non-finite checks, last
-  because a failure there stalls a rank until its group times out) and ``resume1`` (1 rank
-  loads the checkpoint). Under xdist each launch runs once per session (a file lock in the
+  solvers included), then side by side ``resume`` (2 fresh ranks load train's checkpoints,
+  then the non-finite checks, last because a failure there stalls a rank until its group
+  times out) and ``resume1`` (1 rank loads the checkpoint). Under xdist each launch runs once per session (a file lock in the
   shared temp dir) and every worker reads its records.
 - each launch is bounded: its processes are killed at the deadline and the test fails with
   their logs.
@@ -235,3 +234,11 @@ def test_torch_lbfgs_with_local_losses_lets_ranks_drift_apart(jobs: Jobs) -> Non
 
 def test_closure_solvers_refuse_to_be_zero_local_optimizers(jobs: Jobs) -> None:
     assert_check(jobs, "train", "train", "closure/zero-refused")
+
+
+def test_closure_solver_distributed_checkpoint_resumes_in_fresh_ranks(jobs: Jobs) -> None:
+    """L-BFGS on FSDP2: DCP saves its state; fresh ranks cannot get a template from a fresh
+    optimizer (DCP's step(closure=None), a torch limitation, checked), load into one made
+    from the checkpoint's metadata, and continue exactly as the uninterrupted run."""
+    assert_check(jobs, "train", "train", "closure/dcp-save-LBFGS")
+    assert_check(jobs, "resume", "resume", "closure/dcp-resume-LBFGS")

@@ -713,7 +713,9 @@ class ClosureSolver(RegularizedOptimizer):
     def _run(self, closure: Callable[[], Any], callback: IterationCallback | None = None) -> Outcome:
         if closure is None or not callable(closure):
             raise ValueError(f"{type(self).__name__}.step needs a closure that re-evaluates the loss and its "
-                             f"gradient, got {closure!r}")
+                             f"gradient, got {closure!r} (torch.distributed.checkpoint's get/set_optimizer_state_dict "
+                             "call step(closure=None) at lr = 0 to create a fresh optimizer's state, and leave lr = 0 "
+                             "when it fails: see 'Closure solvers' in docs/distributed.md)")
         settings = self._settings()
         params = [p for g in self.param_groups for p in g["params"]]
         decays = [_value(g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
