@@ -582,6 +582,39 @@ def check_closure_zero(c: Check) -> None:
                  "ZeroRedundancyOptimizer" in outcome, outcome)
 
 
+def check_closure_dtensor_placements(c: Check) -> None:
+    """DTensor parameters made by hand: one sharded, one replicated, weight decay on one group,
+    a loss that is itself a DTensor (already global: averaging it must change nothing); L-BFGS
+    and CG to convergence equal the same run on plain tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 3, generator=g, dtype=F64)
+    b = torch.randn(4, generator=g, dtype=F64)
+    for name, cls, kw in [("LBFGS", descend.LBFGS, dict(line_search_fn="strong_wolfe")),
+                          ("CG", descend.ConjugateGradient, {})]:
+        out = []
+        for distributed in (False, True):
+            w, v, ta, tb = torch.zeros(8, 3, dtype=F64), torch.zeros(4, dtype=F64), a, b
+            if distributed:
+                w, ta = distribute_tensor(w, mesh, [Shard(0)]), distribute_tensor(a, mesh, [Shard(0)])
+                v, tb = distribute_tensor(v, mesh, [Replicate()]), distribute_tensor(b, mesh, [Replicate()])
+            w, v = nn.Parameter(w), nn.Parameter(v)
+            opt = cls([{"params": [w], "weight_decay": 0.1}, {"params": [v]}], max_iter=40, max_eval=200, **kw)
+
+            def closure(w: Tensor = w, v: Tensor = v, ta: Tensor = ta, tb: Tensor = tb, opt: Any = opt) -> Tensor:
+                opt.zero_grad()
+                loss = ((w - ta) ** 4).sum() + ((v - tb) ** 2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            out.append({n: (t.full_tensor() if distributed else t).detach() for n, t in (("w", w), ("v", v))})
+        c.within(f"{name}: max |θ_dtensor − θ_plain|", max_abs_diff(out[1], out[0]), TOL64)
+
+
 # --- distributed checkpoints -------------------------------------------------------------
 
 
@@ -849,6 +882,7 @@ def job_train(rec: Recorder, shared: Path) -> None:
         rec.run(f"closure/ddp-{name}", check_closure_ddp(name))
     rec.run("closure/torch-LBFGS-ddp-drifts", check_torch_lbfgs_ddp_drifts)
     rec.run("closure/zero-refused", check_closure_zero)
+    rec.run("closure/dtensor-shard-replicate", check_closure_dtensor_placements)
     rec.run("closure/dcp-save-LBFGS", check_closure_dcp_save(shared))
 
 

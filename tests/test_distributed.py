@@ -242,3 +242,8 @@ def test_closure_solver_distributed_checkpoint_resumes_in_fresh_ranks(jobs: Jobs
     from the checkpoint's metadata, and continue exactly as the uninterrupted run."""
     assert_check(jobs, "train", "train", "closure/dcp-save-LBFGS")
     assert_check(jobs, "resume", "resume", "closure/dcp-resume-LBFGS")
+
+
+def test_closure_solvers_on_dtensors_sharded_and_replicated(jobs: Jobs) -> None:
+    """Hand-made DTensors (Shard and Replicate), a DTensor loss: the plain-tensor run's result."""
+    assert_check(jobs, "train", "train", "closure/dtensor-shard-replicate")

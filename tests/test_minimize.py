@@ -218,7 +218,4 @@ def test_dtensor_parameters_on_a_one_process_mesh(tmp_path):
         pytest.skip("needs torch.distributed with gloo")
     _run_dtensor_script(tmp_path, 1)
 
-
-@pytest.mark.skipif(os.environ.get("DESCEND_SLOW_TESTS") != "1", reason="spawns 2 processes (~40 s); set DESCEND_SLOW_TESTS=1")
-def test_dtensor_parameters_sharded_over_two_processes(tmp_path):
-    _run_dtensor_script(tmp_path, 2)
+# (over two processes: tests/test_distributed.py::test_closure_solvers_on_dtensors_sharded_and_replicated)
