@@ -482,3 +482,14 @@ def test_real_module_in_float32_reaches_least_squares_solution():
     solution = torch.linalg.lstsq(design, y.double()).solution.squeeze(1)
     torch.testing.assert_close(model.weight.detach().double().squeeze(0), solution[:6], atol=1e-4, rtol=0)
     torch.testing.assert_close(model.bias.detach().double(), solution[6:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [descend.LBFGS, descend.ConjugateGradient])
+def test_process_group_option_is_checked(cls):
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="process_group"):
+        cls([p], process_group="everyone")
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        with pytest.raises(ValueError, match="process_group=True needs an initialized default process group"):
+            cls([p], process_group=True)
+    assert cls([p], process_group=None)._loss_groups == []
