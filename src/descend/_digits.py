@@ -14,6 +14,7 @@ must need only torch.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import math
@@ -241,3 +242,14 @@ def train_minibatch(
             if on_epoch is not None:
                 on_epoch(epoch, snap)
     return history
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid positive integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value

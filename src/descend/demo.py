@@ -417,16 +417,6 @@ def plot(path: str, runs: list[Run], title: str) -> None:
 # --- the command -----------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _run_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     known = [c.name for c in configurations()]
@@ -444,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="initial weights and minibatch order (default: 0)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_EPOCHS} epochs instead of {EPOCHS} (well under 30 s)")
-    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+    parser.add_argument("--epochs", type=_digits.positive_int, metavar="N",
                         help=f"epochs of each minibatch run (default: {EPOCHS}; the full-batch runs always get "
                         f"{FULL_BATCH_PASSES} gradient evaluations)")
     parser.add_argument("--only", type=_run_names, metavar="RUN[,RUN...]",

@@ -319,16 +319,6 @@ def plot(path: str, grids: dict[str, list[list[float]]], lrs: list[float], wds: 
 # --- the command -----------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _exponent_arg(text: str) -> float:
     try:
         value = float(text)
@@ -355,15 +345,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log2 of the smallest and largest learning rate (default: -12 -4)")
     parser.add_argument("--wd", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-16.0, -2.0],
                         help="log2 of the smallest and largest weight decay, for every method (default: -16 -2)")
-    parser.add_argument("--n-lr", type=_positive_int, default=9, metavar="N",
+    parser.add_argument("--n-lr", type=_digits.positive_int, default=9, metavar="N",
                         help="number of learning rates (default: 9)")
-    parser.add_argument("--n-wd", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--n-wd", type=_digits.positive_int, default=8, metavar="N",
                         help="number of weight decays (default: 8)")
-    parser.add_argument("--epochs", type=_positive_int, default=EPOCHS, metavar="N",
+    parser.add_argument("--epochs", type=_digits.positive_int, default=EPOCHS, metavar="N",
                         help=f"epochs per cell (default: {EPOCHS})")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="initial weights and minibatch order (default: 0)")
-    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+    parser.add_argument("--workers", type=_digits.positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="worker processes (default: all cores, here %(default)s)")
     parser.add_argument("--methods", type=_methods, default=DEFAULT_METHODS, metavar="M[,M...]",
                         help=f"what to compare, one heatmap each (default: {','.join(DEFAULT_METHODS)}; "
