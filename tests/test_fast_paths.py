@@ -278,7 +278,7 @@ def test_bench_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Any
     monkeypatch.setattr(bench, "param_shapes", lambda name, quick=False: ("tiny", [(300,), (20, 30), (7,)]))
     out = tmp_path / "bench.json"
     code = bench.main(["--sets", "many-small", "--optimizers", "sgd", "--steps", "1", "--warmup", "1",
-                       "--triad-mb", "8", "--threads", "1", "--json", str(out)])
+                       "--triad-mb", "8", "--threads", "1", "--min-seconds", "0", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     for label in ("torch loop (torch's default)", "torch foreach", "torch fused", "descend (default)",
@@ -288,3 +288,19 @@ def test_bench_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Any
     fused = next(r for r in rows if r["label"] == "torch fused")
     assert fused["vs_fastest"] <= 1.0 + 1e-12 and fused["gbps"] > 0
     assert bench.main(["--sets", "nope"]) == 2
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_state_that_does_not_fit_is_refused_before_anything_changes(flat: bool) -> None:
+    """The per-step check of state shapes (done in bulk on the fast path) still names the culprit."""
+    params = make_params()
+    opt = descend.AdamW(params, lr=0.01, flat=flat)
+    loss_fn(params, 0).backward()
+    opt.step()
+    opt.state[params[2]]["exp_avg"] = torch.zeros(6, 3, dtype=torch.float64)
+    if flat:
+        opt._flat._dirty = True  # a hand-made state is seen at the next rebuild (see descend.flat)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of parameter 2 of group 0 \(shape \(3, 6\)\)"):
+        opt.step()
+    assert max_abs_diff([p.detach() for p in params], before) == 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -252,7 +253,9 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         if flat is not None:
             return flat.prepare()
         batches = []
-        state_of, check_state = self.state.get, self._check_state
+        state_of = self.state.get
+        # the base check has a bulk form (per state key, in C): per parameter it cost more than the rest
+        bulk = type(self)._check_state is RegularizedOptimizer._check_state
         for group in self.param_groups:
             self._validate(group)
             batch = GroupBatch(group)
@@ -270,11 +273,15 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 if not state:
                     state = self._new_state(p, group)
                     batch.new[p] = state
-                else:
-                    check_state(p, state)
+                elif not bulk:
+                    self._check_state(p, state)
                 params.append(p)
                 grads.append(grad)
                 states.append(state)
+            if bulk and params and not _states_fit(params, states):
+                for p, state in zip(params, states):  # find it, and say what does not fit
+                    if p not in batch.new:
+                        self._check_state(p, state)
             if params:
                 batch.implementation = self._implementation(batch)
             batches.append(batch)
@@ -409,7 +416,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         group, params = batch.group, batch.params
         # one pass over the parameters, in C where possible: this runs at every step
         plain = set(map(type, params)) <= _PLAIN_TENSOR_TYPES_SET
-        kinds = {(d.type, t) for d, t in map(_DEVICE_AND_DTYPE, params)}
+        kinds = _device_types_and_dtypes(params)
         complex_ = any(t.is_complex for _, t in kinds)
         fused_devices, foreach_devices = _fused_devices(), _foreach_devices()
         fused_ok = ("fused" in self._fast_paths and plain and not complex_
@@ -489,6 +496,42 @@ def _one_thread() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
 _DEVICE_AND_DTYPE = operator.attrgetter("device", "dtype")
+_DTYPE = operator.attrgetter("dtype")
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+def _states_fit(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """True if every state tensor of more than 0 dimensions has its parameter's shape (the
+    base ``_check_state``), checked key by key with C-level maps; False means "look closer"
+    (a misfit, or states too irregular for the bulk form), never a wrong True."""
+    keys = states[0].keys()
+    if not all(map(keys.__eq__, map(dict.keys, states))):
+        return False
+    shapes = None
+    for key in keys:
+        values = list(map(operator.itemgetter(key), states))
+        try:
+            dims = list(map(Tensor.dim, values))
+        except TypeError:  # not a tensor
+            return False
+        if not any(dims):
+            continue  # all 0-dimensional (step counts): not checked
+        if not all(dims):
+            return False
+        if shapes is None:
+            shapes = list(map(_SHAPE, params))
+        if list(map(_SHAPE, values)) != shapes:
+            return False
+    return True
+
+
+def _device_types_and_dtypes(params: list[Tensor]) -> set[tuple[str, torch.dtype]]:
+    """The (device type, dtype) pairs among ``params`` (``.device`` builds an object: skip it on CPU)."""
+    if all(map(_IS_CPU, params)):
+        return {("cpu", t) for t in set(map(_DTYPE, params))}
+    return {(d.type, t) for d, t in map(_DEVICE_AND_DTYPE, params)}
 
 
 def _one_dense_layout(batch: GroupBatch) -> bool:
@@ -497,10 +540,14 @@ def _one_dense_layout(batch: GroupBatch) -> bool:
     one flat array, so a transposed gradient of a contiguous parameter (or a strided
     parameter with gaps) would silently be updated with the wrong elements."""
     contiguous = Tensor.is_contiguous
-    values = [v for state in batch.states for v in state.values()]
-    if (all(map(contiguous, batch.params)) and all(map(contiguous, batch.grads))
-            and all(isinstance(v, Tensor) and contiguous(v) for v in values)):
-        return True  # the common case, checked in C
+    if all(map(contiguous, batch.params)) and all(map(contiguous, batch.grads)):
+        values = itertools.chain.from_iterable(map(dict.values, batch.states))
+        try:
+            if all(map(contiguous, values)):
+                return True  # the common case, checked in C
+        except TypeError:  # a state entry that is not a tensor (it has no layout)
+            if all(contiguous(v) for state in batch.states for v in state.values() if isinstance(v, Tensor)):
+                return True
     for p, g, state in zip(batch.params, batch.grads, batch.states):
         stride = p.stride()
         if not _dense(p) or g.stride() != stride or any(
