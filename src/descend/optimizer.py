@@ -278,7 +278,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(grad)
                 states.append(state)
-            if bulk and params and not _states_fit(params, states):
+            if bulk and params and not _states_fit(params, states, self._required_state):
                 for p, state in zip(params, states):  # find it, and say what does not fit
                     if p not in batch.new:
                         self._check_state(p, state)
@@ -502,14 +502,15 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 
 
-def _states_fit(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
-    """True if every state tensor of more than 0 dimensions has its parameter's shape (the
-    base ``_check_state``), checked key by key with C-level maps; False means "look closer"
-    (a misfit, or states too irregular for the bulk form), never a wrong True."""
+def _states_fit(params: list[Tensor], states: list[dict[str, Any]], required: tuple[str, ...]) -> bool:
+    """True if every state has the ``required`` entries and every state tensor of more than
+    0 dimensions has its parameter's shape and dtype (the base ``_check_state``), checked key
+    by key with C-level maps; False means "look closer" (a misfit, or states too irregular
+    for the bulk form), never a wrong True."""
     keys = states[0].keys()
-    if not all(map(keys.__eq__, map(dict.keys, states))):
+    if not all(map(keys.__eq__, map(dict.keys, states))) or not all(map(keys.__contains__, required)):
         return False
-    shapes = None
+    shapes = dtypes = None
     for key in keys:
         values = list(map(operator.itemgetter(key), states))
         try:
@@ -521,8 +522,8 @@ def _states_fit(params: list[Tensor], states: list[dict[str, Any]]) -> bool:
         if not all(dims):
             return False
         if shapes is None:
-            shapes = list(map(_SHAPE, params))
-        if list(map(_SHAPE, values)) != shapes:
+            shapes, dtypes = list(map(_SHAPE, params)), list(map(_DTYPE, params))
+        if list(map(_SHAPE, values)) != shapes or list(map(_DTYPE, values)) != dtypes:
             return False
     return True
 
