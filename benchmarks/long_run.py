@@ -55,7 +55,7 @@ for _impl in IMPLS:
     OPTIMIZERS[f"SGD-{_impl}"] = (_first_order(descend.SGD, _impl, lr=0.01, momentum=0.9, weight_decay=1e-4), False)
     OPTIMIZERS[f"Adam-{_impl}"] = (_first_order(descend.Adam, _impl, lr=1e-3, amsgrad=True), False)
     OPTIMIZERS[f"AdamW-{_impl}"] = (_first_order(descend.AdamW, _impl, lr=1e-3, l1=1e-5), False)
-OPTIMIZERS["LBFGS"] = (lambda g: descend.LBFGS(g, lr=0.1, max_iter=2, history_size=10), True)
+OPTIMIZERS["LBFGS"] = (lambda g: descend.LBFGS(g, lr=0.02, max_iter=2, history_size=10), True)
 OPTIMIZERS["LBFGS-wolfe"] = (lambda g: descend.LBFGS(g, max_iter=2, history_size=10, line_search_fn="strong_wolfe"),
                              True)
 OPTIMIZERS["CG"] = (lambda g: descend.CG(g, max_iter=2), True)
