@@ -158,12 +158,6 @@ def test_the_runs_are_not_trivial(runs: dict[str, Any]) -> None:
         assert lr != initial, (name, lr, initial)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "torch.optim.Adam.__setstate__ turns a non-tensor 'step' (the format torch < 1.12 saved) into a float32 "
-    "tensor; descend.Adam (RegularizedOptimizer.__setstate__ / load_state_dict, and checkpoint.aligned_state_dict, "
-    "which skips 'step') loads the int as it is, and the next step fails in Adam._update/_prepare with "
-    "AttributeError: 'int' object has no attribute 'device'. Fix: in Adam, after loading, replace a non-tensor "
-    "state['step'] by torch.tensor(float(step), dtype=torch.float32), as torch does (or reject it at load)"))
 @pytest.mark.parametrize("impl", ["single", "foreach", "fused"])
 def test_adam_state_dict_with_integer_steps_continues_as_torch(impl: str) -> None:
     flags = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]

@@ -237,6 +237,13 @@ class Adam(RegularizedOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for entry in self.state.values():
+            # torch < 1.12 saved the step count as a number; torch converts it on load, so do we
+            if "step" in entry and not torch.is_tensor(entry["step"]):
+                entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
+
     def _update(self, batch: GroupBatch, implementation: str) -> None:
         group = batch.group
         for p, state in zip(batch.params, batch.states, strict=True):
