@@ -256,6 +256,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         state_of = self.state.get
         # the base check has a bulk form (per state key, in C): per parameter it cost more than the rest
         bulk = type(self)._check_state is RegularizedOptimizer._check_state
+        verified: dict[int, _Verified] = self.__dict__.get("_verified") or {}
+        self._verified: dict[int, _Verified] = {}
         for group in self.param_groups:
             self._validate(group)
             batch = GroupBatch(group)
@@ -278,10 +280,18 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(grad)
                 states.append(state)
-            if bulk and params and not _states_fit(params, states, self._required_state):
-                for p, state in zip(params, states):  # find it, and say what does not fit
-                    if p not in batch.new:
-                        self._check_state(p, state)
+            if bulk and params:
+                values = list(itertools.chain.from_iterable(map(dict.values, states)))
+                ptrs = list(map(Tensor.data_ptr, params))
+                entry = verified.get(id(group))
+                if entry is None or not entry.matches(params, ptrs, values):
+                    if not _states_fit(params, states, self._required_state):
+                        for p, state in zip(params, states):  # find it, and say what does not fit
+                            if p not in batch.new:
+                                self._check_state(p, state)
+                    entry = _Verified(params, ptrs, values)
+                entry.current = params
+                self._verified[id(group)] = entry
             if params:
                 batch.implementation = self._implementation(batch)
             batches.append(batch)
@@ -414,9 +424,17 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         Fused also needs each parameter, its gradient and its state in one dense layout
         (:func:`_one_dense_layout`); where they differ the default is foreach."""
         group, params = batch.group, batch.params
-        # one pass over the parameters, in C where possible: this runs at every step
-        plain = set(map(type, params)) <= _PLAIN_TENSOR_TYPES_SET
-        kinds = _device_types_and_dtypes(params)
+        entry = self.__dict__.get("_verified", {}).get(id(group))
+        if entry is not None and entry.current is params:  # the same tensors as a step that was checked
+            if entry.facts is None:
+                entry.facts = _static_facts(batch)
+            plain, kinds, static_dense = entry.facts
+        else:
+            plain, kinds, static_dense = _static_facts(batch)
+
+        def dense() -> bool:
+            return (static_dense and all(map(Tensor.is_contiguous, batch.grads))) or _one_dense_layout(batch)
+
         complex_ = any(t.is_complex for _, t in kinds)
         fused_devices, foreach_devices = _fused_devices(), _foreach_devices()
         fused_ok = ("fused" in self._fast_paths and plain and not complex_
@@ -431,7 +449,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"fused=True: torch {torch.__version__}'s fused {type(self).__name__} kernel leaves "
                     f"{broken[0][1]} parameters on {broken[0][0]} unchanged; use foreach=True")
-            if not _one_dense_layout(batch):
+            if not dense():
                 raise RuntimeError(
                     "fused=True needs each parameter, its gradient and its state in one dense memory layout "
                     "(torch's fused kernels walk raw memory); use foreach=True, or make them contiguous")
@@ -441,7 +459,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         foreach_ok = "foreach" in self._fast_paths and not complex_ and all(d in foreach_devices for d, _ in kinds)
         if group.get("foreach"):
             return "foreach" if foreach_ok else "single"
-        if fused_ok and not broken and _one_dense_layout(batch):
+        if fused_ok and not broken and dense():
             return "fused"
         # DTensor (FSDP2) supports the foreach kernels, and they are torch's default for it too
         return "foreach" if foreach_ok and (plain or all(map(_is_dtensor, params))) else "single"
@@ -533,6 +551,42 @@ def _device_types_and_dtypes(params: list[Tensor]) -> set[tuple[str, torch.dtype
     if all(map(_IS_CPU, params)):
         return {("cpu", t) for t in set(map(_DTYPE, params))}
     return {(d.type, t) for d, t in map(_DEVICE_AND_DTYPE, params)}
+
+
+@dataclass
+class _Verified:
+    """A group's parameters (and where their data lives) and state entries at the last step
+    whose states were checked. While a step shows the very same objects, what depends on them
+    alone (state shapes and dtypes, the kinds of device and dtype, contiguity of parameters
+    and state) is not checked again: per parameter, those checks cost more than the rest of
+    a step over many small tensors. (A tensor resized in place, or a ``p.data`` replaced by
+    a view of the same memory in another shape, is not noticed; torch.optim checks neither.)"""
+
+    params: list[Tensor]
+    ptrs: list[int]
+    values: list[Any]  # held, so that no new object can reuse a checked one's id
+    facts: tuple[bool, set[tuple[str, torch.dtype]], bool] | None = None  # of _static_facts
+    current: list[Tensor] | None = None  # the params list of this step's batch
+
+    def matches(self, params: list[Tensor], ptrs: list[int], values: list[Any]) -> bool:
+        return (len(params) == len(self.params) and len(values) == len(self.values) and ptrs == self.ptrs
+                and all(map(operator.is_, params, self.params)) and all(map(operator.is_, values, self.values)))
+
+
+def _static_facts(batch: GroupBatch) -> tuple[bool, set[tuple[str, torch.dtype]], bool]:
+    """What ``_implementation`` needs that depends on parameters and state only: whether all
+    parameters are plain tensors, their (device type, dtype) pairs, and whether parameters and
+    state tensors are all contiguous."""
+    contiguous = Tensor.is_contiguous
+    plain = set(map(type, batch.params)) <= _PLAIN_TENSOR_TYPES_SET
+    kinds = _device_types_and_dtypes(batch.params)
+    static_dense = all(map(contiguous, batch.params))
+    if static_dense:
+        try:
+            static_dense = all(map(contiguous, itertools.chain.from_iterable(map(dict.values, batch.states))))
+        except TypeError:  # a state entry that is not a tensor (it has no layout)
+            static_dense = all(contiguous(v) for st in batch.states for v in st.values() if isinstance(v, Tensor))
+    return plain, kinds, static_dense
 
 
 def _one_dense_layout(batch: GroupBatch) -> bool:
