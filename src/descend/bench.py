@@ -262,8 +262,11 @@ class Triad:
 
 
 def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: int, triad: Triad,
-            seed: int, memory: bool, log: Callable[[str], None]) -> None:
-    """Build every candidate, then step them round by round in random order."""
+            seed: int, memory: bool, log: Callable[[str], None], min_seconds: float = 0.0,
+            max_rounds: int = 200) -> None:
+    """Build every candidate, then step them round by round in random order: at least
+    ``steps`` timed rounds, more while they have taken less than ``min_seconds`` (cheap
+    comparisons get more samples), at most ``max_rounds``."""
     data, grads = _master(shapes, seed)
     shared = _params(data, grads) if _numel(shapes) > SHARE_ABOVE else None
     for c in candidates:
@@ -274,9 +277,11 @@ def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: 
     del data, grads
     rng = random.Random(seed)
     order: list[Candidate | None] = [*candidates, None]  # None: the triad
-    for r in range(warmup + steps):
+    r, timed_since = 0, 0.0
+    while r < warmup + steps or (time.perf_counter() - timed_since < min_seconds and r < warmup + max_rounds):
         if r == warmup:
             triad.times.clear()  # the triad's warm-up samples go too
+            timed_since = time.perf_counter()
         rng.shuffle(order)
         for member in order:
             if member is None:
@@ -290,13 +295,14 @@ def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: 
             elapsed = time.perf_counter() - t
             if r >= warmup:
                 member.times.append(elapsed)
+        r += 1
     if memory:
         for c in candidates:
             if c.fresh_grads:
                 for p, g in zip(c.params, c.fresh):
                     p.grad = g
             c.peak_bytes = step_peak_bytes(c.optimizer.step)
-    log("    " + ", ".join(f"{c.label} {c.median * 1e3:.1f} ms" for c in candidates))
+    log(f"    {r - warmup} rounds: " + ", ".join(f"{c.label} {c.median * 1e3:.1f} ms" for c in candidates))
 
 
 def release(candidates: list[Candidate]) -> None:
@@ -313,29 +319,39 @@ class Row:
     optimizer: str
     label: str
     ms: float
-    vs_fastest: float | None  # torch's fastest time / this time (> 1: faster)
-    vs_default: float | None  # torch's default time / this time
-    vs_baseline: float | None  # this time / baseline time (modes: the cost, 1.0 = free)
+    vs_fastest: float | None  # torch's fastest time / this time, per round (> 1: faster); median
+    vs_default: float | None  # torch's default time / this time, per round; median
+    vs_baseline: float | None  # this time / baseline time, per round (modes: the cost, 1.0 = free); median
     baseline: str | None
     gbps: float
     share: float  # of the triad's bandwidth measured in the same rounds
     peak_mb: float | None
+    spread: float  # interquartile range of the step times over their median
+    rounds: int
     samples: list[float]
 
 
+def paired_ratio(numerator: Candidate, denominator: Candidate) -> float:
+    """The median over rounds of one candidate's time over another's in the same round:
+    steadier than a ratio of medians when the machine's load drifts during a comparison."""
+    return statistics.median(a / b for a, b in zip(numerator.times, denominator.times))
+
+
 def rows_for(set_label: str, name: str, candidates: list[Candidate], numel: int, triad_gbps: float) -> list[Row]:
-    torch_rows = {c.torch_impl: c.median for c in candidates if c.torch_impl}
-    fastest = min(torch_rows.values()) if torch_rows else None
+    torch_rows = {c.torch_impl: c for c in candidates if c.torch_impl}
+    fastest = min(torch_rows.values(), key=lambda c: c.median) if torch_rows else None
     default = torch_rows.get(_torch_default_impl())
-    medians = {c.label: c.median for c in candidates}
+    by_label = {c.label: c for c in candidates}
     out = []
     for c in candidates:
         gbps = c.arrays * 4 * numel / c.median / 1e9
-        base = medians.get(c.baseline) if c.baseline else None
+        base = by_label.get(c.baseline) if c.baseline else None
+        q1, _, q3 = statistics.quantiles(c.times, n=4) if len(c.times) > 1 else (c.median, 0, c.median)
         out.append(Row(set_label, TORCH_CLASSES[name], c.label, c.median * 1e3,
-                       fastest / c.median if fastest else None, default / c.median if default else None,
-                       c.median / base if base else None, c.baseline, gbps, gbps / triad_gbps,
-                       c.peak_bytes / 2**20 if c.peak_bytes is not None else None, [t * 1e3 for t in c.times]))
+                       paired_ratio(fastest, c) if fastest else None, paired_ratio(default, c) if default else None,
+                       paired_ratio(c, base) if base else None, c.baseline, gbps, gbps / triad_gbps,
+                       c.peak_bytes / 2**20 if c.peak_bytes is not None else None, (q3 - q1) / c.median,
+                       len(c.times), [t * 1e3 for t in c.times]))
     return out
 
 
@@ -366,27 +382,27 @@ def _f(x: float | None, fmt: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """The main comparison as a Markdown table."""
-    lines = ["| set | optimizer | implementation | step (ms, median) | speed-up vs torch's fastest "
+    lines = ["| set | optimizer | implementation | step ms (median) | spread | speed-up vs torch's fastest "
              "| speed-up vs torch's default | GB/s | % of triad | extra MB in step |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         if r.baseline is not None or r.vs_fastest is None:
             continue
-        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {r.vs_fastest:.2f}× | "
+        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {r.spread:.0%} | {r.vs_fastest:.2f}× | "
                      f"{_f(r.vs_default, '.2f')}× | {r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
     return "\n".join(lines)
 
 
 def modes_table(rows: list[Row]) -> str:
     """What descend's modes cost, as a Markdown table."""
-    lines = ["| set | optimizer | configuration | step (ms, median) | time vs decoupled (same rounds) "
+    lines = ["| set | optimizer | configuration | step ms (median) | spread | time vs decoupled "
              "| GB/s | % of triad | extra MB in step |",
-             "|---|---|---|--:|--:|--:|--:|--:|"]
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         if r.vs_fastest is not None:
             continue
-        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {_f(r.vs_baseline, '.2f')} | "
-                     f"{r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
+        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {r.spread:.0%} | "
+                     f"{_f(r.vs_baseline, '.2f')} | {r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -404,6 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed rounds per comparison (default 10, 4 with --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="go on with more rounds (up to 200) until the timed ones took this long "
+                             "(default 5, 1 with --quick): cheap comparisons get more samples")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--no-modes", action="store_true",
                         help="skip the cost of descend's modes (independent decay, L1, nonfinite, new grads)")
@@ -430,18 +449,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"descend bench: {e}", file=sys.stderr)
         return 2
     steps = args.steps if args.steps is not None else (4 if args.quick else 10)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if args.quick else 5.0)
     if steps < 1 or args.warmup < 1 or args.threads < 1:
         print("descend bench: --steps, --warmup and --threads must be positive", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args, sets, optimizers, steps)
+        return _run(args, sets, optimizers, steps, min_seconds)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps: int) -> int:
+def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps: int, min_seconds: float) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -463,7 +483,7 @@ def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps
                 log(f"  {TORCH_CLASSES[name]}, {what}")
                 triad.times.clear()
                 measure(candidates, shapes, steps=steps, warmup=args.warmup, triad=triad, seed=args.seed,
-                        memory=not args.no_memory, log=log)
+                        memory=not args.no_memory, log=log, min_seconds=min_seconds)
                 triad_all += triad.times
                 rows += rows_for(label, name, candidates, numel, triad.gbps)
                 release(candidates)
@@ -476,7 +496,10 @@ def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps
           f"{args.threads} threads; load average {info['load_average']} at start, "
           f"{info['load_average_end']} at end; {info['date']}; {info['minutes']} min.\n")
     print(f"Triad bandwidth (median over all rounds): {info['triad_gbps_median']} GB/s; "
-          f"{steps} timed rounds per comparison after {args.warmup} warm-up rounds.\n")
+          f"per comparison {args.warmup} warm-up rounds, then at least {steps} timed rounds and at least "
+          f"{min_seconds:g} s of them (at most 200). Speed-ups and costs are medians over rounds of the "
+          "ratio of two candidates' times in the same round; spread is the interquartile range over the "
+          "median.\n")
     print(table(rows))
     if any(r.vs_fastest is None for r in rows):
         print()
