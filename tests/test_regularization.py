@@ -110,3 +110,25 @@ def test_describe_and_factor() -> None:
     assert regularization.decay_factor("fixed", 0.1, 0.2, 0.5) == pytest.approx(0.5)
     assert regularization.describe({"decay": "coupled", "weight_decay": 0.1, "l1": 0}) == "g += 0.1·θ"
     assert regularization.describe({"decay": "fixed", "weight_decay": 0, "l1": 0}) == "none"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_prox_l1_is_the_soft_threshold_elementwise(dtype: torch.dtype) -> None:
+    """Both prox forms equal sgn(θ)·max(|θ| − t, 0) computed in float64 and rounded once to
+    θ's dtype, t being held in the working precision (float32 for the 16-bit types), with
+    NaN and ±inf passed through and every |θ| <= t an exact zero."""
+    t = torch.tensor(0.3, dtype=torch.float64 if dtype == torch.float64 else torch.float32).item()
+    values = torch.tensor([0.0, -0.0, 0.3, -0.3, 0.29, -0.31, 1.0, -2.5, 1e-8, float("inf"), -float("inf")])
+    theta = torch.cat([values, torch.randn(1000, generator=torch.Generator().manual_seed(0))]).to(dtype)
+    exact = theta.double()
+    expected = (torch.sgn(exact) * (exact.abs() - t).clamp(min=0)).to(dtype)
+    one = theta.clone()
+    regularization.prox_l1_(one, t)
+    parts = list(theta.clone().split([11, 500, 500]))
+    regularization.prox_l1_foreach_(parts, t)
+    torch.testing.assert_close(one, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(parts), expected, rtol=0, atol=0)
+    assert (one[theta.double().abs() <= t] == 0).all()
+    nan = torch.tensor([float("nan")], dtype=dtype)
+    regularization.prox_l1_(nan, t)
+    assert nan.isnan().all()

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from descend import regularization
 from descend.optimizer import (
+    _IS_CPU,
     GroupBatch,
     RegularizedOptimizer,
     _allowed,
@@ -246,11 +247,18 @@ class Adam(RegularizedOptimizer):
 
     def _update(self, batch: GroupBatch, implementation: str) -> None:
         group = batch.group
-        for p, state in zip(batch.params, batch.states, strict=True):
-            if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on later
-                state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-            if implementation == "fused" and state["step"].device != p.device:
-                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        if group["amsgrad"]:
+            for state in batch.states:
+                if "max_exp_avg_sq" not in state:  # amsgrad switched on later
+                    state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+        if implementation == "fused":
+            # torch's load_state_dict leaves step counts on the CPU; fused kernels want them
+            # on the parameter's device (compared in bulk: .device builds an object per call)
+            steps = batch.state_list("step")
+            if not (all(map(_IS_CPU, batch.params)) and all(map(_IS_CPU, steps))):
+                for p, state in zip(batch.params, batch.states, strict=True):
+                    if state["step"].device != p.device:
+                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         beta1, beta2 = group["betas"]
         adam(batch.params, batch.grads, batch.state_list("exp_avg"), batch.state_list("exp_avg_sq"),
              batch.state_list("max_exp_avg_sq") if group["amsgrad"] else [], batch.state_list("step"),
