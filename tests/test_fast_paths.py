@@ -334,3 +334,16 @@ def test_a_group_of_several_dtypes_is_stepped_per_dtype(cls: type, kw: dict, imp
     for r, f in zip(reference, fast, strict=True):
         assert f.dtype == r.dtype
         torch.testing.assert_close(f, r, rtol=0, atol=1e-12 if r.dtype == torch.float64 else 2e-6)
+
+
+def test_ab_step_script_runs() -> None:
+    """benchmarks/ab_step.py (the two-candidate A/B the docs quote) still runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_step.py"
+    done = subprocess.run([sys.executable, str(script), "--set", "many-small", "--optimizer", "sgd", "--flat",
+                           "--rounds", "4", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "sgd flat=True, 4 rounds" in done.stdout and "speed-up of descend (paired median)" in done.stdout

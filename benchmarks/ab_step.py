@@ -1,0 +1,71 @@
+"""A/B of two optimizer steps: torch.optim's fused step against descend's default (or flat).
+
+``descend bench`` steps five or more candidates per round; on a shared 2-core machine one
+disturbed round moves every ratio of it. This script steps only two, in a random order
+each round, for many rounds, and reports the median over rounds of the paired ratio
+(torch's time / descend's time: above 1 means descend is faster) with its quartiles::
+
+    python benchmarks/ab_step.py --set resnet50 --optimizer adam --rounds 150
+    python benchmarks/ab_step.py --set many-small --optimizer sgd --flat
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import descend
+from descend import bench
+
+TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+DESCEND = {"sgd": descend.SGD, "adam": descend.Adam, "adamw": descend.AdamW}
+OPTIONS = {"sgd": dict(lr=1e-3, momentum=0.9, weight_decay=1e-4), "adam": dict(lr=1e-3),
+           "adamw": dict(lr=1e-3, weight_decay=1e-2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", choices=bench.SETS, default="resnet50")
+    parser.add_argument("--optimizer", choices=sorted(TORCH), default="adam")
+    parser.add_argument("--flat", action="store_true", help="descend with flat=True")
+    parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    name, shapes = bench.param_shapes(args.set)
+
+    def parameters() -> list[torch.nn.Parameter]:
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        return params
+
+    options = OPTIONS[args.optimizer]
+    steps = {"torch fused": TORCH[args.optimizer](parameters(), fused=True, **options).step,
+             "descend": DESCEND[args.optimizer](parameters(), flat=args.flat, **options).step}
+    for step in steps.values():  # state is created
+        step()
+        step()
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    for _ in range(args.rounds):
+        for key in rng.sample(list(steps), len(steps)):
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["torch fused"], times["descend"], strict=True)]
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    medians = ", ".join(f"{key} {statistics.median(t) * 1e3:.2f} ms" for key, t in times.items())
+    flat = " flat=True" if args.flat else ""
+    print(f"{name}, {args.optimizer}{flat}, {args.rounds} rounds: {medians}; "
+          f"speed-up of descend (paired median) {median:.3f}× (quartiles {q1:.3f}–{q3:.3f})")
+
+
+if __name__ == "__main__":
+    main()
