@@ -21,35 +21,26 @@ import torch
 import descend
 from descend import bench
 
-TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-DESCEND = {"sgd": descend.SGD, "adam": descend.Adam, "adamw": descend.AdamW}
-OPTIONS = {"sgd": dict(lr=1e-3, momentum=0.9, weight_decay=1e-4), "adam": dict(lr=1e-3),
-           "adamw": dict(lr=1e-3, weight_decay=1e-2)}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", choices=bench.SETS, default="resnet50")
-    parser.add_argument("--optimizer", choices=sorted(TORCH), default="adam")
+    parser.add_argument("--optimizer", choices=bench.OPTIMIZERS, default="adam")
     parser.add_argument("--flat", action="store_true", help="descend with flat=True")
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     name, shapes = bench.param_shapes(args.set)
-
-    def parameters() -> list[torch.nn.Parameter]:
-        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
-        for p in params:
-            p.grad = torch.randn(p.shape)
-        return params
-
-    options = OPTIONS[args.optimizer]
-    steps = {"torch fused": TORCH[args.optimizer](parameters(), fused=True, **options).step,
-             "descend": DESCEND[args.optimizer](parameters(), flat=args.flat, **options).step}
+    # the candidates, hyperparameters and data of ``descend bench``, each with its own copies
+    data, grads = bench._master(shapes, args.seed)
+    options = bench.SETTINGS[args.optimizer]
+    cls = bench.TORCH_CLASSES[args.optimizer]
+    steps = {"torch fused": getattr(torch.optim, cls)(bench._params(data, grads), fused=True, **options).step,
+             "descend": getattr(descend, cls)(bench._params(data, grads), flat=args.flat, **options).step}
+    del data, grads
     for step in steps.values():  # state is created
         step()
         step()

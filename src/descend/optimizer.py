@@ -637,7 +637,7 @@ def grouped_by_device_and_dtype(lists: list[list[Any]]) -> list[tuple[list[list[
     first = lists[0]
     if first and all(map(_IS_CPU, first)) and len(set(map(_DTYPE, first))) == 1:
         # one bucket, as torch's grouping (which looks at the first list only) would make;
-        # it costs ~3.5 µs per parameter (five lists) in C, the two C-level maps here ~0.1 µs
+        # torch's C grouping walks every tensor of every list; the two maps here read the first list only
         return [([list(t) for t in lists], list(range(len(first))))]
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
     return [([list(t) for t in tensors], list(indices)) for tensors, indices in grouped.values()]

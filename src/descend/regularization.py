@@ -146,29 +146,23 @@ def prox_l1_(param: Tensor, threshold: float) -> None:
     if threshold == 0:
         return
     if not param.is_complex():
-        _softshrink_(param, threshold)
+        # torch's softshrink written into θ itself: one read and one write of θ, where
+        # θ − clamp(θ, −t, t) costs three of each and a temporary (the public
+        # F.softshrink has no in-place form; the out= overload is missing from torch's stubs)
+        torch._C._nn.softshrink(param, threshold, out=param)  # type: ignore[call-arg]
         return
     magnitude = (param.abs() - threshold).clamp_(min=0)
     param.copy_(torch.sgn(param) * magnitude)
 
 
 def prox_l1_foreach_(params: list[Tensor], threshold: float) -> None:
-    """:func:`prox_l1_` over a list of real tensors.
+    """:func:`prox_l1_` over a list of tensors.
 
     torch has no multi-tensor soft-threshold; a foreach clamp-and-subtract would read and
-    write θ three times and allocate a copy, so one in-place softshrink per tensor costs
-    less on all but the smallest tensors (and flat storage makes it a single call)."""
-    if threshold == 0:
-        return
+    write θ three times and allocate a copy, so one in-place :func:`prox_l1_` per tensor
+    costs less on all but the smallest tensors (and flat storage makes it a single call)."""
     for param in params:
-        _softshrink_(param, threshold)
-
-
-def _softshrink_(param: Tensor, threshold: float) -> None:
-    # torch's softshrink written into θ itself: one read and one write of θ, where
-    # θ − clamp(θ, −t, t) costs three of each and a temporary (the public
-    # F.softshrink has no in-place form; the out= overload is missing from torch's stubs)
-    torch._C._nn.softshrink(param, threshold, out=param)  # type: ignore[call-arg]
+        prox_l1_(param, threshold)
 
 
 # --- the loss-term route ---------------------------------------------------------------
