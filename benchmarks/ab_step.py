@@ -19,7 +19,7 @@ import time
 import torch
 
 import descend
-from descend import bench
+from descend.cli import bench
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from scipy.sparse.linalg import cg as scipy_linear_cg
 from torch import nn
 
 import descend
-from descend.cg import BETAS, CGRule, cg_beta
+from descend.solvers.cg import BETAS, CGRule, cg_beta
 from tests.problems import TEST_PROBLEMS, by_name, quadratic
 
 

@@ -62,7 +62,7 @@ import torch
 before = set(sys.modules)
 import descend
 by_import = sorted(set(sys.modules) - before)
-import descend.cli, descend.demo, descend.sweep
+import descend.cli, descend.cli.demo, descend.cli.sweep
 descend.cli.build_parser()
 by_parser = sorted(set(sys.modules) - before)
 print(json.dumps([by_import, by_parser]), flush=True)
@@ -112,7 +112,7 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     def interrupted(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
-    from descend import demo
+    from descend.cli import demo
 
     monkeypatch.setattr(demo, "run", interrupted)
     assert cli.main(["demo"]) == 130
@@ -120,14 +120,14 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
 
 
 def test_bench_is_registered_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # absent: importing descend.bench fails
-    monkeypatch.setitem(sys.modules, "descend.bench", None)  # makes `import descend.bench` raise ImportError
+    # absent: importing descend.cli.bench fails
+    monkeypatch.setitem(sys.modules, "descend.cli.bench", None)  # makes `import descend.cli.bench` raise ImportError
     parser = cli.build_parser()
     choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(choices) == {"demo", "sweep"}
 
     # present: a module with add_arguments and run becomes a subcommand
-    fake = types.ModuleType("descend.bench")
+    fake = types.ModuleType("descend.cli.bench")
     fake.__doc__ = "descend bench: a stand-in."
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,7 +139,7 @@ def test_bench_is_registered_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 
     fake.add_arguments = add_arguments  # type: ignore[attr-defined]
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "descend.bench", fake)
+    monkeypatch.setitem(sys.modules, "descend.cli.bench", fake)
     assert cli.main(["bench", "--size", "5"]) == 7
     assert "bench size=5" in capsys.readouterr().out
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import descend
-from descend import cli, demo
+from descend import cli
+from descend.cli import demo
 
 SAME = 1e-10
 DIFFERENT = 1e-3

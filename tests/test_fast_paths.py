@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import descend
-from descend import optimizer as base
+from descend import dispatch as base
 from tests.helpers import loss_fn, make_params, max_abs_diff, train
 
 SETTINGS = [
@@ -62,7 +62,7 @@ def test_default_equals_torch_fused_bit_for_bit(name: str) -> None:
 
 def _big_and_small(seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    shapes = [(40_000,), (7,), (300, 200), (3, 5), (1,)]  # above and below base._SERIAL_NUMEL
+    shapes = [(40_000,), (7,), (300, 200), (3, 5), (1,)]  # above and below base.SERIAL_NUMEL
     return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
 
 
@@ -83,7 +83,7 @@ def two_threads():  # type: ignore[no-untyped-def]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        if not base._can_serialize():
+        if not base.can_serialize():
             pytest.skip("not the OpenMP backend: nothing is serialized")
         yield 2
     finally:
@@ -251,7 +251,7 @@ def test_nonfinite_guard_is_exact(value: float, dtype: torch.dtype, skipped: boo
 
 
 def test_bench_parameter_sets_have_the_models_shapes() -> None:
-    from descend import bench
+    from descend.cli import bench
 
     def count(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
         return len(shapes), sum(math.prod(s) for s in shapes)
@@ -263,7 +263,7 @@ def test_bench_parameter_sets_have_the_models_shapes() -> None:
 
 
 def test_bench_step_memory_counts_temporaries() -> None:
-    from descend import bench
+    from descend.cli import bench
 
     x = torch.zeros(1 << 20)  # 4 MiB
     assert bench.step_peak_bytes(lambda: x.add_(1)) < 1024  # (the scalar 1 becomes a tiny tensor)
@@ -273,7 +273,7 @@ def test_bench_step_memory_counts_temporaries() -> None:
 
 def test_bench_runs_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Any,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from descend import bench
+    from descend.cli import bench
 
     monkeypatch.setattr(bench, "param_shapes", lambda name, quick=False: ("tiny", [(300,), (20, 30), (7,)]))
     out = tmp_path / "bench.json"

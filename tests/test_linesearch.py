@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.optim.lbfgs import _cubic_interpolate, _strong_wolfe
 
-from descend.linesearch import cubic_minimizer, strong_wolfe
+from descend.solvers.linesearch import cubic_minimizer, strong_wolfe
 
 
 def line(phi_and_slope):

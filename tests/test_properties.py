@@ -416,7 +416,7 @@ _closure: dict[str, st.SearchStrategy[Any]] = {
 INVALID["LBFGS"] = {**_closure, "history_size": st.one_of(bad_ints(1), st.none())}
 INVALID["CG"] = {
     **_closure,
-    "beta": st.one_of(st.text(max_size=4).filter(lambda s: s not in descend.cg.BETAS), st.none()),
+    "beta": st.one_of(st.text(max_size=4).filter(lambda s: s not in descend.solvers.cg.BETAS), st.none()),
     "restart": st.text(max_size=8).filter(lambda s: s != "powell"),
     "restart_every": bad_ints(1),
 }
@@ -551,7 +551,7 @@ class Twin:
             assert id(p) in known
             if self.closure_solver:
                 continue
-            allowed = type(self.opt)._state_keys  # type: ignore[attr-defined]
+            allowed = type(self.opt).state_spec.keys  # type: ignore[attr-defined]
             assert set(state) <= set(allowed), state.keys()
             for key, value in state.items():
                 assert isinstance(value, Tensor), key

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from descend import cli, sweep
+from descend import cli
+from descend.cli import sweep
 
 GRID = ["--n-lr", "2", "--n-wd", "2", "--lr", "-8", "-6", "--wd", "-12", "-6", "--no-progress"]
 

@@ -6,15 +6,15 @@ SGD, Adam and AdamW share one regularization vocabulary (``weight_decay``, ``l1`
 model by rule and :func:`explain` shows what each parameter gets.
 """
 
-from descend.adam import Adam, AdamW
-from descend.cg import CG, ConjugateGradient
 from descend.explain import Explanation, ParamRow, explain
 from descend.groups import param_groups
-from descend.lbfgs import LBFGS
-from descend.minimize import MinimizeResult, minimize
 from descend.optimizer import RegularizedOptimizer
+from descend.optimizers.adam import Adam, AdamW
+from descend.optimizers.sgd import SGD
 from descend.regularization import DECAY_MODES, l1_penalty, l2_penalty
-from descend.sgd import SGD
+from descend.solvers.cg import CG, ConjugateGradient
+from descend.solvers.lbfgs import LBFGS
+from descend.solvers.minimize import MinimizeResult, minimize
 
 __version__ = "0.1.0"
 

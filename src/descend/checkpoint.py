@@ -9,7 +9,9 @@ shape and parameters in another order, and fails later (or never, and trains on 
   by name; missing or unexpected names are an error that lists them;
 - the optimizer kind: state entries this optimizer does not keep (``exp_avg`` into SGD,
   ``momentum_buffer`` into Adam), or a saved group without this optimizer's hyperparameters;
-- every state tensor against its parameter: shape and dtype (torch would cast silently).
+- every state entry against the rule's declaration (:mod:`descend.state`): entries this
+  optimizer does not keep, types, shapes and dtypes (torch would cast silently), and value
+  ranges (a step count is a finite number ≥ 0, second moments hold no negative value).
 
 It returns a state dict in this optimizer's parameter order; a rejected one raises
 ``ValueError`` saying what differs, and the optimizer is unchanged.
@@ -20,8 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-_SCALAR_KEYS = ("step",)
 
 
 def _names(group: dict[str, Any]) -> list[str] | None:
@@ -70,29 +70,19 @@ def aligned_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
                              f"was it saved by another kind of optimizer?")
     saved_groups = _reorder_by_name(saved_groups, groups)
 
-    allowed = getattr(optimizer, "_state_keys", None)
+    spec = getattr(optimizer, "state_spec", None)
     state = state_dict["state"]
     for saved, current in zip(saved_groups, groups, strict=True):
         names = _names(current)
         for pi, (pid, param) in enumerate(zip(saved["params"], current["params"], strict=True)):
             entry = state.get(pid)
-            if not entry:
+            if entry is None:
                 continue
             label = repr(names[pi]) if names else f"{pi} of its group (shape {tuple(param.shape)})"
-            if allowed is not None:
-                foreign = sorted(set(entry) - set(allowed))
-                if foreign:
-                    raise ValueError(f"the state of parameter {label} holds {foreign}, which {kind} does not keep: "
-                                     f"was it saved by another kind of optimizer?")
-            for key, value in entry.items():
-                if not torch.is_tensor(value) or key in _SCALAR_KEYS:
-                    continue
-                if value.shape != param.shape:
-                    raise ValueError(f"state {key!r} of parameter {label} has shape {tuple(value.shape)}, "
-                                     f"the parameter has shape {tuple(param.shape)}")
-                if value.dtype != param.dtype:
-                    raise ValueError(f"state {key!r} of parameter {label} has dtype {value.dtype}, "
-                                     f"the parameter has dtype {param.dtype}")
+            if not isinstance(entry, dict):
+                raise ValueError(f"the state of parameter {label} is a {type(entry).__name__}, not a dict")
+            if spec is not None and entry:
+                spec.check_loaded(param, entry, label, kind)
     out = dict(state_dict)
     out["param_groups"] = saved_groups
     return out

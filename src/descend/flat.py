@@ -70,7 +70,11 @@ _ELEMENT, _SCALAR, _OTHER = "element", "scalar", "other"
 
 
 def check_flat_params(optimizer: RegularizedOptimizer) -> None:
-    """Raise ValueError for a parameter that flat storage cannot hold."""
+    """Raise ValueError for a rule or a parameter that flat storage cannot hold."""
+    if not optimizer.state_spec.flattenable():
+        odd = [e.name for e in optimizer.state_spec.entries if optimizer.state_spec.flat_kind(e.name) is None]
+        raise ValueError(f"Invalid flat=True for {type(optimizer).__name__}, whose state {odd} is neither one value "
+                         f"per element nor one per parameter (allowed: flat=True with element-wise rules)")
     for group in optimizer.param_groups:
         for p in group["params"]:
             if type(p) not in _PLAIN or p.layout != torch.strided or p.is_quantized or p.device.type == "meta":
@@ -210,15 +214,12 @@ class FlatStorage:
         return _ELEMENT if element else _OTHER
 
     def _probe_kinds(self) -> None:
-        """Learn which keys of a new state are per element and which per parameter."""
-        opt = self.optimizer
-        for group in opt.param_groups:
-            if group["params"]:
-                p = group["params"][0]
-                probe = opt._new_state(torch.zeros(2, dtype=p.dtype, device=p.device), group)
-                for key, value in probe.items():
-                    if isinstance(value, Tensor):
-                        self.kinds.setdefault(key, _SCALAR if value.dim() == 0 else _ELEMENT)
+        """Which declared state entries are per element and which per parameter (:mod:`descend.state`)."""
+        spec = self.optimizer.state_spec
+        for key in spec.keys:
+            kind = spec.flat_kind(key)
+            if kind is not None:
+                self.kinds.setdefault(key, _ELEMENT if kind == "element" else _SCALAR)
 
     def rebuild(self) -> None:
         """Copy every parameter, gradient and state tensor into new buffers and point the
@@ -232,7 +233,7 @@ class FlatStorage:
             for p in group["params"]:
                 state = opt.state.get(p)
                 if state:
-                    opt._check_state(p, state)
+                    opt._check_state(p, state, group)
                 by_key.setdefault((p.device, p.dtype), []).append(p)
         buckets = [_Bucket(device, dtype, params) for (device, dtype), params in by_key.items()]
         new_states: list[tuple[dict[str, Any], dict[str, Any]]] = []

@@ -1,88 +1,56 @@
-"""The base class of every descend optimizer.
+"""The base class of every descend optimizer, and the step pipeline every rule plugs into.
 
 It knows no algorithm. It owns what all of them share: parameter groups and their
 defaults, validation of every option (at construction, in ``add_param_group`` and again
 before each step, since groups are plain dicts a user may edit), ``base_lr`` (the lr a group
-had when it was given to the optimizer, which ``decay="independent"`` divides by), the
-non-finite gradient guard, the choice of implementation (fused, multi-tensor or the
-per-tensor reference), and loading state dicts saved by torch.optim.
+had when it was given to the optimizer, which the "independent" and "corrected" decay modes
+divide by), the non-finite gradient guard, and loading state dicts saved by torch.optim.
 
 A step runs in two phases so that nothing is half-applied: :meth:`_prepare` gathers every
-group's parameters, gradients and (new or existing) state and checks them all, raising
-before anything changes; only then does :meth:`_update` run the update rule of each group.
+group's parameters, gradients and (new or existing) state and checks them all against the
+rule's state declaration (:mod:`descend.state`), raising before anything changes; only then
+does each group's batch flow through the pipeline::
+
+    group → (params, grads, state) → regularize before → update rule → regularize after → params
+
+"regularize before" and "after" are :func:`descend.regularization.regularize_before` and
+:func:`~descend.regularization.regularize_after`, applying the group's
+:class:`~descend.regularization.DecayPlan`; the rule (``_update``) never sees the decay mode.
+Which implementation runs (fused, foreach, the per-tensor reference) is chosen by
+:mod:`descend.dispatch`.
+
+A rule is a subclass that declares
+
+- ``state_spec``: its state (:class:`descend.state.StateSpec`);
+- ``_update(batch, implementation)``: the update over one :class:`GroupBatch`, reading
+  ``batch.terms`` (what its kernel must still do: :class:`~descend.regularization.KernelTerms`);
+- ``_check_group(group)``: its own options (ValueError in descend's format);
+- optionally ``_fast_paths`` (its forms besides the reference), ``_absorbs`` (what each
+  form's kernel applies itself), ``_tensor_lr_paths`` (forms that keep a tensor lr a tensor,
+  as torch's do), ``_fused_broken`` and ``_inspect`` (a look at θ before decay shrinks it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
-import math
-import numbers
-import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
-from descend import regularization
+from descend import dispatch, regularization
+from descend.regularization import Absorbs, KernelTerms
+from descend.state import StateSpec
+from descend.tensors import all_finite, by_device_and_dtype, is_dtensor, norm_dtype
+from descend.validation import check_flag, check_number, invalid, scalar_value
 
 if TYPE_CHECKING:
     from descend.flat import FlatStorage
 
 NONFINITE_MODES = ("ignore", "skip", "raise")
-IMPLEMENTATIONS = ("fused", "foreach", "single")
-
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def _value(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def _allowed(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
-
-
-def check_number(name: str, value: Any, *, low: float, high: float | None = None,
-                 low_open: bool = False, high_open: bool = True) -> None:
-    """Raise ValueError unless ``value`` is a finite real number in the stated interval."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise _allowed(name, value, "a real number")
-    try:
-        x = _value(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError):
-        raise _allowed(name, value, "a real number") from None
-    if not math.isfinite(x):
-        raise _allowed(name, value, "a finite real number")
-    lo_ok = x > low if low_open else x >= low
-    hi_ok = high is None or (x < high if high_open else x <= high)
-    if not (lo_ok and hi_ok):
-        lo = f"{'(' if low_open else '['}{low:g}"
-        hi = f"{high:g}{')' if high_open else ']'}" if high is not None else "inf)"
-        raise _allowed(name, value, f"a number in {lo}, {hi}")
-
-
-def check_flag(name: str, value: Any, *, optional: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a bool (or None where ``optional``): a string
-    such as "no" would otherwise count as True."""
-    if isinstance(value, bool) or (optional and value is None):
-        return
-    raise _allowed(name, value, "True or False" + (" or None" if optional else ""))
-
-
-def check_regularization(group: dict[str, Any]) -> None:
-    """The vocabulary every optimizer shares: weight_decay, l1 and decay."""
-    check_number("weight_decay", group["weight_decay"], low=0)
-    check_number("l1", group["l1"], low=0)
-    decay = group["decay"]
-    if decay not in regularization.DECAY_MODES:
-        raise _allowed("decay", decay, ", ".join(repr(m) for m in regularization.DECAY_MODES))
-    if decay == "fixed" and _value(group["weight_decay"]) >= 1:
-        raise _allowed("weight_decay", group["weight_decay"],
-                       'a number in [0, 1) with decay="fixed", which multiplies θ by 1 - weight_decay')
+IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 @dataclass
@@ -96,24 +64,40 @@ class GroupBatch:
     states: list[dict[str, Any]] = field(default_factory=list)
     new: dict[Tensor, dict[str, Any]] = field(default_factory=dict)
     implementation: str = "single"
+    #: what the kernel must still do after the pipeline's "regularize before"
+    terms: KernelTerms = field(default_factory=KernelTerms)
+    #: per-parameter values a rule's ``_inspect`` took from θ before decay
+    inspected: list[Any] = field(default_factory=list)
 
     def state_list(self, key: str) -> list[Any]:
         return [s.get(key) for s in self.states]
+
+    def part(self, chosen: list[bool]) -> GroupBatch:
+        """The batch of the chosen parameters only (same group, implementation and terms)."""
+        pick = list(itertools.compress(range(len(self.params)), chosen))
+        return GroupBatch(self.group, [self.params[i] for i in pick], [self.grads[i] for i in pick],
+                          [self.states[i] for i in pick], implementation=self.implementation, terms=self.terms,
+                          inspected=[self.inspected[i] for i in pick] if self.inspected else [])
 
 
 class RegularizedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` with descend's regularization vocabulary.
 
-    Subclasses provide ``_check_group`` (their own options), ``_new_state`` (the lazy state
-    of one parameter) and ``_update`` (the update rule over one :class:`GroupBatch`).
+    Subclasses (the rules) provide what the module docstring lists.
     """
 
+    #: the rule's per-parameter state (:mod:`descend.state`)
+    state_spec: StateSpec = StateSpec()
     #: implementations this optimizer has besides the per-tensor reference.
     _fast_paths: tuple[str, ...] = ("fused", "foreach")
+    #: what each implementation's kernel applies itself (the pipeline does the rest)
+    _absorbs: dict[str, Absorbs] = {}
+    #: implementations in which a tensor lr stays a tensor (torch computes with it so)
+    _tensor_lr_paths: tuple[str, ...] = ()
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore") -> None:
         if nonfinite not in NONFINITE_MODES:
-            raise _allowed("nonfinite", nonfinite, ", ".join(repr(m) for m in NONFINITE_MODES))
+            raise invalid("nonfinite", nonfinite, ", ".join(repr(m) for m in NONFINITE_MODES))
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._validate(defaults)
@@ -127,8 +111,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     def _validate(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"], low=0)
         if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
-            raise _allowed("lr", group["lr"], "a float or a 1-element tensor")
-        check_regularization(group)
+            raise invalid("lr", group["lr"], "a float or a 1-element tensor")
+        regularization.check_regularization(group)
         for flag in ("maximize", "nesterov", "amsgrad"):
             if flag in group:
                 check_flag(flag, group[flag])
@@ -146,7 +130,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # lr₀ of "independent" decay: fixed here, never touched by LR schedulers.
-        group.setdefault("base_lr", _value(group["lr"]))
+        group.setdefault("base_lr", scalar_value(group["lr"]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         ours = "differentiable" in state.get("defaults", {})
@@ -168,7 +152,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         for key, default in self.defaults.items():
             group.setdefault(key, default)
         if "base_lr" not in group:
-            group["base_lr"] = _value(group.get("initial_lr", group["lr"]))
+            group["base_lr"] = scalar_value(group.get("initial_lr", group["lr"]))
 
     # --- state dicts -------------------------------------------------------------------
 
@@ -177,9 +161,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         sd["skipped_steps"] = self.skipped_steps
         return sd
 
-    #: the state entries this optimizer keeps, and the group options that say which kind of
-    #: optimizer saved a state dict (checked by descend.checkpoint before loading).
-    _state_keys: tuple[str, ...] | None = None
+    #: the group options that say which kind of optimizer saved a state dict (checked by
+    #: descend.checkpoint before loading, with the state against ``state_spec``).
     _group_keys: tuple[str, ...] = ()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,33 +203,15 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     # --- the step ----------------------------------------------------------------------
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """The state of a parameter before its first step (subclasses override)."""
-        return {}
+        """The state of a parameter before its first step, from the state declaration."""
+        return self.state_spec.new_state(param, group)
 
     #: (device type, dtype) pairs on which torch's fused kernel of this optimizer is wrong
     _fused_broken: frozenset[tuple[str, torch.dtype]] = frozenset()
 
-    #: state entries every parameter with state must have (checked before a step changes anything)
-    _required_state: tuple[str, ...] = ()
-
-    def _check_state(self, param: Tensor, state: dict[str, Any]) -> None:
+    def _check_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Existing state must fit its parameter (entries, shapes, dtypes); else nothing may change."""
-        missing = [k for k in self._required_state if k not in state]
-        if missing:
-            raise ValueError(f"the state of {self._describe_param(param)} lacks {missing}; nothing was changed")
-        for key, value in state.items():
-            if not isinstance(value, Tensor) or value.dim() == 0:
-                continue  # scalars such as Adam's step are kept in float32 whatever the parameter
-            if value.shape != param.shape:
-                raise ValueError(
-                    f"state {key!r} of {self._describe_param(param)} has shape {tuple(value.shape)}, "
-                    f"but the parameter has shape {tuple(param.shape)}; nothing was changed"
-                )
-            if value.dtype != param.dtype:
-                raise ValueError(
-                    f"state {key!r} of {self._describe_param(param)} has dtype {value.dtype}, "
-                    f"but the parameter has dtype {param.dtype}; nothing was changed"
-                )
+        self.state_spec.check(param, state, group, self._describe_param(param))
 
     def _prepare(self) -> list[GroupBatch]:
         flat = self._flat_storage()
@@ -254,10 +219,10 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             return flat.prepare()
         batches = []
         state_of = self.state.get
-        # the base check has a bulk form (per state key, in C): per parameter it cost more than the rest
+        # the state check has a bulk form (per state key, in C): per parameter it cost more than the rest
         bulk = type(self)._check_state is RegularizedOptimizer._check_state
-        verified: dict[int, _Verified] = self.__dict__.get("_verified") or {}
-        self._verified: dict[int, _Verified] = {}
+        verified: dict[int, dispatch.Verified] = self.__dict__.get("_verified") or {}
+        self._verified: dict[int, dispatch.Verified] = {}
         for group in self.param_groups:
             self._validate(group)
             batch = GroupBatch(group)
@@ -276,7 +241,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                     state = self._new_state(p, group)
                     batch.new[p] = state
                 elif not bulk:
-                    self._check_state(p, state)
+                    self._check_state(p, state, group)
                 params.append(p)
                 grads.append(grad)
                 states.append(state)
@@ -285,11 +250,11 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 ptrs = list(map(Tensor.data_ptr, params))
                 entry = verified.get(id(group))
                 if entry is None or not entry.matches(params, ptrs, values):
-                    if not _states_fit(params, states, self._required_state):
+                    if not self.state_spec.all_fit(params, states, group):
                         for p, state in zip(params, states):  # find it, and say what does not fit
                             if p not in batch.new:
-                                self._check_state(p, state)
-                    entry = _Verified(params, ptrs, values)
+                                self._check_state(p, state, group)
+                    entry = dispatch.Verified(params, ptrs, values)
                 entry.current = params
                 self._verified[id(group)] = entry
             if params:
@@ -301,24 +266,24 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         grads = [g for b in batches for g in b.grads]
         # a sharded (DTensor) gradient is checked over all shards, so that every rank agrees;
         # all of them, in order, since each check is a collective every rank must run
-        sharded = [_all_finite(g) for g in grads if _is_dtensor(g)]
+        sharded = [all_finite(g) for g in grads if is_dtensor(g)]
         # (an empty tensor is finite, and has no infinity norm: _foreach_norm would raise)
-        plain = [g for g in grads if g.numel() and not _is_dtensor(g)]
+        plain = [g for g in grads if g.numel() and not is_dtensor(g)]
         # One read of each gradient: a 2-norm is finite only if every entry is (NaN and ±inf
         # propagate), and torch's CPU kernel for it is several times faster than the inf-norm's.
         # A non-finite norm may also be the overflow of huge finite entries (|g| > 1e19 in
         # float32; float32 accumulation covers float16), so that answer is confirmed entry by entry.
-        norms = [torch.stack(torch._foreach_norm(gs, 2, dtype=_norm_dtype(gs[0]))).isfinite().all()
-                 for gs in _by_device_and_dtype(plain)]
+        norms = [torch.stack(torch._foreach_norm(gs, 2, dtype=norm_dtype(gs[0]))).isfinite().all()
+                 for gs in by_device_and_dtype(plain)]
         finite = not norms or bool(torch.stack([f.cpu() for f in norms]).all())
         if not finite:
-            finite = all(_all_finite(g) for g in plain)
+            finite = all(all_finite(g) for g in plain)
         return all(sharded) and finite
 
     def _first_nonfinite(self, batches: list[GroupBatch]) -> Tensor:
         for b in batches:
             for p, g in zip(b.params, b.grads, strict=True):
-                if not _all_finite(g):
+                if not all_finite(g):
                     return p
         raise AssertionError("no non-finite gradient")
 
@@ -354,39 +319,20 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _run_update(self, batch: GroupBatch) -> None:
-        """``_update``, with the small CPU tensors of a fused step run on one thread.
+        """One group's batch through the pipeline: regularize before, the rule, regularize after."""
+        group, implementation = batch.group, batch.implementation
+        lr = group["lr"] if implementation in self._tensor_lr_paths else scalar_value(group["lr"])
+        plan = regularization.plan(group, lr)
+        self._inspect(batch)
+        batch.grads, batch.terms = regularization.regularize_before(
+            batch.params, batch.grads, plan, maximize=group["maximize"],
+            absorbs=self._absorbs.get(implementation, regularization.NOTHING), foreach=implementation != "single")
+        dispatch.run_serialized(self._update, batch)
+        regularization.regularize_after(batch.params, plan)
 
-        torch's fused CPU kernels open a parallel region for every tensor, however small
-        (grain size 0), which costs more than updating a few thousand elements: on a
-        2-core machine it made fused AdamW on 2,000 tensors of 1,000 elements several
-        times slower than the same kernel on one thread. ATen's own elementwise kernels stay
-        on one thread below ``_SERIAL_NUMEL`` elements; so do we. Each element's update is
-        independent of the threads, so results are bit-identical."""
-        implementation = batch.implementation
-        if implementation != "fused" or not _can_serialize():
-            self._update(batch, implementation)
-            return
-        small = [n < _SERIAL_NUMEL and cpu for n, cpu in zip(map(Tensor.numel, batch.params),
-                                                            map(_IS_CPU, batch.params))]
-        if not any(small):
-            self._update(batch, implementation)
-            return
-        if all(small):
-            with _one_thread():
-                self._update(batch, implementation)
-            return
-        for serial in (True, False):
-            part = GroupBatch(batch.group, implementation=implementation)
-            for p, g, state, is_small in zip(batch.params, batch.grads, batch.states, small):
-                if is_small is serial:
-                    part.params.append(p)
-                    part.grads.append(g)
-                    part.states.append(state)
-            if serial:
-                with _one_thread():
-                    self._update(part, implementation)
-            else:
-                self._update(part, implementation)
+    def _inspect(self, batch: GroupBatch) -> None:
+        """A look at θ before "regularize before" shrinks it: a rule that needs θ_{t-1}
+        itself (Adafactor's step size is relative to its RMS) fills ``batch.inspected``."""
 
     # --- flat storage (descend.flat) ---------------------------------------------------
 
@@ -413,238 +359,13 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             flat.zero_grad()
 
     def _update(self, batch: GroupBatch, implementation: str) -> None:
+        """The update rule over one batch, after "regularize before" (subclasses override)."""
         raise NotImplementedError
 
     # --- which implementation ----------------------------------------------------------
 
     def _implementation(self, batch: GroupBatch) -> str:
-        """torch's fused kernels where they compute the same math, else multi-tensor
-        (foreach) kernels, else the per-tensor reference. ``fused=`` / ``foreach=`` force a path.
-
-        Fused also needs each parameter, its gradient and its state in one dense layout
-        (:func:`_one_dense_layout`); where they differ the default is foreach."""
-        group, params = batch.group, batch.params
-        entry = self.__dict__.get("_verified", {}).get(id(group))
-        if entry is not None and entry.current is params:  # the same tensors as a step that was checked
-            if entry.facts is None:
-                entry.facts = _static_facts(batch)
-            plain, kinds, static_dense = entry.facts
-        else:
-            plain, kinds, static_dense = _static_facts(batch)
-
-        def dense() -> bool:
-            return (static_dense and all(map(Tensor.is_contiguous, batch.grads))) or _one_dense_layout(batch)
-
-        complex_ = any(t.is_complex for _, t in kinds)
-        fused_devices, foreach_devices = _fused_devices(), _foreach_devices()
-        fused_ok = ("fused" in self._fast_paths and plain and not complex_
-                    and all(d in fused_devices and t.is_floating_point for d, t in kinds))
-        broken = [(d, t) for d, t in kinds if (d, t) in self._fused_broken]
-        if group.get("fused"):
-            if not fused_ok:
-                raise RuntimeError(
-                    "fused=True needs floating-point, non-complex tensors on a device with fused kernels "
-                    f"({', '.join(fused_devices)})")
-            if broken:
-                raise RuntimeError(
-                    f"fused=True: torch {torch.__version__}'s fused {type(self).__name__} kernel leaves "
-                    f"{broken[0][1]} parameters on {broken[0][0]} unchanged; use foreach=True")
-            if not dense():
-                raise RuntimeError(
-                    "fused=True needs each parameter, its gradient and its state in one dense memory layout "
-                    "(torch's fused kernels walk raw memory); use foreach=True, or make them contiguous")
-            return "fused"
-        if group.get("foreach") is False:
-            return "single"
-        foreach_ok = "foreach" in self._fast_paths and not complex_ and all(d in foreach_devices for d, _ in kinds)
-        if group.get("foreach"):
-            return "foreach" if foreach_ok else "single"
-        if fused_ok and not broken and dense():
-            return "fused"
-        # DTensor (FSDP2) supports the foreach kernels, and they are torch's default for it too
-        return "foreach" if foreach_ok and (plain or all(map(_is_dtensor, params))) else "single"
-
-
-_PLAIN_TENSOR_TYPES_SET = frozenset(_PLAIN_TENSOR_TYPES)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    """A torch.distributed DTensor (FSDP2's parameters and gradients), without importing it."""
-    return _is_dtensor_type(type(t))
-
-
-@functools.cache
-def _is_dtensor_type(cls: type) -> bool:  # cached: the guard asks once per gradient per step
-    return any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in cls.__mro__)
-
-
-def _norm_dtype(t: Tensor) -> torch.dtype | None:
-    """float32 accumulation and result for 16-bit floats, whose own range a norm overflows."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-
-
-def _all_finite(t: Tensor) -> bool:
-    """Every entry is finite; for a DTensor, over all ranks' shards (its own answer covers
-    only the local shard, and ranks must take the same decision)."""
-    flag = torch.isfinite(t).all()
-    full = getattr(flag, "full_tensor", None)
-    return bool(full() if full is not None else flag)
-_IS_CPU = operator.attrgetter("is_cpu")
-#: below this many elements a tensor's fused update runs on one thread (ATen's GRAIN_SIZE).
-_SERIAL_NUMEL = 32768
-
-
-@functools.cache
-def _openmp() -> bool:
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-def _can_serialize() -> bool:
-    """Whether :func:`_one_thread` helps and is safe: several intra-op threads, and the
-    OpenMP backend, whose thread count is per calling thread (ATen's native pool is global)."""
-    return torch.get_num_threads() > 1 and _openmp()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-_DEVICE_AND_DTYPE = operator.attrgetter("device", "dtype")
-_DTYPE = operator.attrgetter("dtype")
-
-
-_SHAPE = operator.attrgetter("shape")
-
-
-def _states_fit(params: list[Tensor], states: list[dict[str, Any]], required: tuple[str, ...]) -> bool:
-    """True if every state has the ``required`` entries and every state tensor of more than
-    0 dimensions has its parameter's shape and dtype (the base ``_check_state``), checked key
-    by key with C-level maps; False means "look closer" (a misfit, or states too irregular
-    for the bulk form), never a wrong True."""
-    keys = states[0].keys()
-    if not all(map(keys.__eq__, map(dict.keys, states))) or not all(map(keys.__contains__, required)):
-        return False
-    shapes = dtypes = None
-    for key in keys:
-        values = list(map(operator.itemgetter(key), states))
-        try:
-            dims = list(map(Tensor.dim, values))
-        except TypeError:  # not a tensor
-            return False
-        if not any(dims):
-            continue  # all 0-dimensional (step counts): not checked
-        if not all(dims):
-            return False
-        if shapes is None:
-            shapes, dtypes = list(map(_SHAPE, params)), list(map(_DTYPE, params))
-        if list(map(_SHAPE, values)) != shapes or list(map(_DTYPE, values)) != dtypes:
-            return False
-    return True
-
-
-def _device_types_and_dtypes(params: list[Tensor]) -> set[tuple[str, torch.dtype]]:
-    """The (device type, dtype) pairs among ``params`` (``.device`` builds an object: skip it on CPU)."""
-    if all(map(_IS_CPU, params)):
-        return {("cpu", t) for t in set(map(_DTYPE, params))}
-    return {(d.type, t) for d, t in map(_DEVICE_AND_DTYPE, params)}
-
-
-@dataclass
-class _Verified:
-    """A group's parameters (and where their data lives) and state entries at the last step
-    whose states were checked. While a step shows the very same objects, what depends on them
-    alone (state shapes and dtypes, the kinds of device and dtype, contiguity of parameters
-    and state) is not checked again: per parameter, those checks cost more than the rest of
-    a step over many small tensors. (A tensor resized in place, or a ``p.data`` replaced by
-    a view of the same memory in another shape, is not noticed; torch.optim checks neither.)"""
-
-    params: list[Tensor]
-    ptrs: list[int]
-    values: list[Any]  # held, so that no new object can reuse a checked one's id
-    facts: tuple[bool, set[tuple[str, torch.dtype]], bool] | None = None  # of _static_facts
-    current: list[Tensor] | None = None  # the params list of this step's batch
-
-    def matches(self, params: list[Tensor], ptrs: list[int], values: list[Any]) -> bool:
-        return (len(params) == len(self.params) and len(values) == len(self.values) and ptrs == self.ptrs
-                and all(map(operator.is_, params, self.params)) and all(map(operator.is_, values, self.values)))
-
-
-def _static_facts(batch: GroupBatch) -> tuple[bool, set[tuple[str, torch.dtype]], bool]:
-    """What ``_implementation`` needs that depends on parameters and state only: whether all
-    parameters are plain tensors, their (device type, dtype) pairs, and whether parameters and
-    state tensors are all contiguous."""
-    contiguous = Tensor.is_contiguous
-    plain = set(map(type, batch.params)) <= _PLAIN_TENSOR_TYPES_SET
-    kinds = _device_types_and_dtypes(batch.params)
-    static_dense = all(map(contiguous, batch.params))
-    if static_dense:
-        try:
-            static_dense = all(map(contiguous, itertools.chain.from_iterable(map(dict.values, batch.states))))
-        except TypeError:  # a state entry that is not a tensor (it has no layout)
-            static_dense = all(contiguous(v) for st in batch.states for v in st.values() if isinstance(v, Tensor))
-    return plain, kinds, static_dense
-
-
-def _one_dense_layout(batch: GroupBatch) -> bool:
-    """Whether every parameter, its gradient and its state tensors share one dense,
-    non-overlapping layout. torch's fused kernels (on CPU at least) index all of them as
-    one flat array, so a transposed gradient of a contiguous parameter (or a strided
-    parameter with gaps) would silently be updated with the wrong elements."""
-    contiguous = Tensor.is_contiguous
-    if all(map(contiguous, batch.params)) and all(map(contiguous, batch.grads)):
-        values = itertools.chain.from_iterable(map(dict.values, batch.states))
-        try:
-            if all(map(contiguous, values)):
-                return True  # the common case, checked in C
-        except TypeError:  # a state entry that is not a tensor (it has no layout)
-            if all(contiguous(v) for state in batch.states for v in state.values() if isinstance(v, Tensor)):
-                return True
-    for p, g, state in zip(batch.params, batch.grads, batch.states):
-        stride = p.stride()
-        if not _dense(p) or g.stride() != stride or any(
-                v.stride() != stride for v in state.values() if isinstance(v, Tensor) and v.dim() > 0):
-            return False
-    return True
-
-
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of the dimensions is contiguous."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _fused_devices() -> list[str]:
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    return list(_get_fused_kernels_supported_devices())
-
-
-def _foreach_devices() -> list[str]:
-    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
-    return list(_get_foreach_kernels_supported_devices()) + ["cpu"]
-
-
-def grouped_by_device_and_dtype(lists: list[list[Any]]) -> list[tuple[list[list[Any]], list[int]]]:
-    """torch's grouping of parallel tensor lists by (device, dtype) of the first list, as
-    plain lists, with the indices of each bucket's entries in the input lists."""
-    first = lists[0]
-    if first and all(map(_IS_CPU, first)) and len(set(map(_DTYPE, first))) == 1:
-        # one bucket, as torch's grouping (which looks at the first list only) would make;
-        # torch's C grouping walks every tensor of every list; the two maps here read the first list only
-        return [([list(t) for t in lists], list(range(len(first))))]
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
-    return [([list(t) for t in tensors], list(indices)) for tensors, indices in grouped.values()]
-
-
-def _by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault((t.device, t.dtype), []).append(t)
-    return list(buckets.values())
+        """The implementation that steps ``batch`` (:func:`descend.dispatch.choose`)."""
+        return dispatch.choose(batch, fast_paths=self._fast_paths, fused_broken=self._fused_broken,
+                               kind=type(self).__name__,
+                               verified=self.__dict__.get("_verified", {}).get(id(batch.group)))

@@ -11,6 +11,7 @@ the learning rate the group had when it was given to the optimizer:
 ``"decoupled"``    θ ← θ·(1 − lr·λ)                θ ← sgn(θ)·max(|θ| − lr·λ₁, 0)
 ``"independent"``  θ ← θ·(1 − (lr/lr₀)·λ)          threshold (lr/lr₀)·λ₁
 ``"fixed"``        θ ← θ·(1 − λ)                   threshold λ₁
+``"corrected"``    θ ← θ·(1 − λ·lr²/lr₀)           threshold λ₁·lr²/lr₀
 =================  ==============================  =========================================
 
 Coupled decay is L2 regularization: ``weight_decay=λ`` is the gradient of
@@ -19,9 +20,14 @@ and ``l1=λ₁`` is the (sub)gradient of λ₁·‖θ‖₁ (:func:`l1_penalty`)
 
 The decoupled modes differ only in the *scale* s that multiplies λ and λ₁:
 s = lr ("decoupled", torch's AdamW), s = lr/lr₀ ("independent", the AdamW paper's schedule
-multiplier η_t; MosaicML's DecoupledAdamW) and s = 1 ("fixed"; 0 at lr = 0, so that a step at
+multiplier η_t; MosaicML's DecoupledAdamW), s = 1 ("fixed"; 0 at lr = 0, so that a step at
 lr = 0 is no step in every mode, which torch's distributed checkpoint relies on when it creates
-optimizer state). Shrinking happens before the
+optimizer state) and s = lr²/lr₀ ("corrected": AdamC, Defazio et al. 2025, "Why Gradients
+Rapidly Increase Near the End of Training"; timm's, HeavyBall's and pytorch-optimizer's
+corrected variants). AdamC decays by λ·γ_t²/γ_max, γ_max the largest lr of the schedule, so
+that the steady-state weight norm follows the schedule instead of growing as lr falls; descend
+takes γ_max = lr₀, the lr the group was given, which is the peak of every decaying schedule
+(cosine, linear, step) and of warmup-then-decay schedules whose warmup starts below it. Shrinking happens before the
 update rule, as in torch's AdamW and line 12 of the paper's Algorithm 2, where the decay term
 λ·θ_{t-1} is taken at the old parameters. L1 is applied after the update as a proximal step
 (soft-thresholding), so weights that the update brings within the threshold become exactly 0.
@@ -35,21 +41,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-DECAY_MODES = ("coupled", "decoupled", "independent", "fixed")
-DECOUPLED_MODES = ("decoupled", "independent", "fixed")
+from descend.validation import check_number, invalid, scalar_value
+
+DECAY_MODES = ("coupled", "decoupled", "independent", "fixed", "corrected")
+DECOUPLED_MODES = ("decoupled", "independent", "fixed", "corrected")
 
 
-def _scalar(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+_scalar = scalar_value
+
+
+def check_regularization(group: dict[str, Any]) -> None:
+    """Raise ValueError for a bad weight_decay, l1 or decay in a group (or the defaults)."""
+    check_number("weight_decay", group["weight_decay"], low=0)
+    check_number("l1", group["l1"], low=0)
+    decay = group["decay"]
+    if not isinstance(decay, str) or decay not in DECAY_MODES:
+        raise invalid("decay", decay, ", ".join(repr(m) for m in DECAY_MODES))
+    if decay == "fixed" and _scalar(group["weight_decay"]) >= 1:
+        raise invalid("weight_decay", group["weight_decay"],
+                      'a number in [0, 1) with decay="fixed", which multiplies θ by 1 - weight_decay')
 
 
 def decoupled_scale(decay: str, lr: float | Tensor, base_lr: float) -> float:
-    """The scale s that multiplies λ (and λ₁) in a decoupled mode: lr, lr/lr₀ or 1."""
+    """The scale s that multiplies λ (and λ₁) in a decoupled mode: lr, lr/lr₀, 1 or lr²/lr₀."""
     if decay == "decoupled":
         return _scalar(lr)
     if decay == "independent":
@@ -59,6 +79,9 @@ def decoupled_scale(decay: str, lr: float | Tensor, base_lr: float) -> float:
         # A step at lr = 0 is no step in every mode: torch's distributed checkpoint creates
         # optimizer state by stepping at lr = 0 on zero gradients, and relies on that.
         return 1.0 if _scalar(lr) != 0 else 0.0
+    if decay == "corrected":
+        value = _scalar(lr)
+        return value * value / base_lr if base_lr != 0 else 0.0
     raise ValueError(f"decoupled_scale: decay={decay!r} is not a decoupled mode {DECOUPLED_MODES}")
 
 
@@ -103,6 +126,108 @@ def torch_decoupled_coefficient(
     return scaled / lr_value
 
 
+# --- the plan of one step, and where the pipeline applies it -------------------------
+
+
+@dataclass(frozen=True)
+class DecayPlan:
+    """What a group's regularization does in one step, for every implementation of every rule.
+
+    - ``grad_weight_decay``, ``grad_l1``: λ and λ₁ of the coupled terms g ← g + λ·θ + λ₁·sgn(θ)
+      (0 in the decoupled modes);
+    - ``factor``: θ ← θ·factor before the rule (1 for coupled decay); a tensor where torch's
+      own rule computes 1 − lr·λ from a tensor lr;
+    - ``threshold``: the soft-threshold of the L1 prox after the rule (0 for coupled L1);
+    - ``kernel_coefficient``: the c with 1 − lr·c = factor, which lets a kernel that decays
+      decoupled by 1 − lr·c (torch's fused AdamW) serve every decoupled mode; None where no c
+      exists (lr = 0 with a non-zero factor), and then the pipeline multiplies θ itself.
+    """
+
+    grad_weight_decay: float
+    grad_l1: float
+    factor: float | Tensor
+    threshold: float
+    kernel_coefficient: float | None
+
+    @property
+    def shrinks(self) -> bool:
+        return isinstance(self.factor, Tensor) or self.factor != 1.0
+
+
+def plan(group: dict[str, Any], lr: float | Tensor | None = None) -> DecayPlan:
+    """The :class:`DecayPlan` of a group at its current lr (or at ``lr``, the lr as the
+    implementation sees it: a tensor lr stays a tensor where torch's rule keeps it one)."""
+    decay, wd, l1, base_lr = group["decay"], group["weight_decay"], group["l1"], group["base_lr"]
+    lr = group["lr"] if lr is None else lr
+    if decay == "coupled":
+        return DecayPlan(float(wd), float(l1), 1.0, 0.0, 0.0)
+    coefficient = torch_decoupled_coefficient(decay, lr, base_lr, wd) if wd != 0 else 0.0
+    return DecayPlan(0.0, 0.0, decay_factor_as_torch(decay, lr, base_lr, wd), l1_threshold(decay, lr, base_lr, l1),
+                     coefficient)
+
+
+@dataclass(frozen=True)
+class Absorbs:
+    """What an implementation's kernel applies itself, so that the pipeline does not:
+    the sign flip of ``maximize``, coupled weight decay (the kernel's ``weight_decay`` as
+    g + c·θ) and decoupled weight decay (the kernel's ``weight_decay`` as θ·(1 − lr·c))."""
+
+    maximize: bool = False
+    coupled: bool = False
+    decoupled: bool = False
+
+
+NOTHING = Absorbs()
+
+
+@dataclass(frozen=True)
+class KernelTerms:
+    """What the pipeline leaves to the kernel (all neutral for an implementation that absorbs
+    nothing): whether it negates the gradient, and its ``weight_decay`` argument, coupled or
+    decoupled."""
+
+    maximize: bool = False
+    weight_decay: float = 0.0
+    decoupled: bool = False
+
+
+def regularize_before(params: list[Tensor], grads: list[Tensor], p: DecayPlan, *, maximize: bool,
+                      absorbs: Absorbs = NOTHING, foreach: bool = True) -> tuple[list[Tensor], KernelTerms]:
+    """The half of a step before the update rule: the gradients the rule sees, and θ shrunk.
+
+    g ← −g when maximizing, then g ← g + λ·θ + λ₁·sgn(θ) (coupled), as torch's rules do
+    (new gradient tensors; the caller's are not changed); θ ← θ·factor (decoupled modes).
+    Whatever the kernel ``absorbs`` is left to it and described by the returned terms; a
+    coupled term the kernel does not take is added with the sign the kernel's own negation
+    will flip back."""
+    negate = maximize and not absorbs.maximize
+    if negate:
+        grads = [-g for g in grads] if not foreach else list(torch._foreach_neg(grads))
+    wd, kernel_wd, decoupled = p.grad_weight_decay, 0.0, False
+    if absorbs.coupled and wd != 0:
+        wd, kernel_wd = 0.0, wd
+    sign = -1.0 if (maximize and absorbs.maximize) else 1.0
+    if wd != 0 or p.grad_l1 != 0:
+        if foreach:
+            grads = coupled_gradients_(params, grads, sign * wd, sign * p.grad_l1)
+        else:
+            grads = [coupled_gradient(t, g, sign * wd, sign * p.grad_l1) for t, g in zip(params, grads)]
+    if p.shrinks:
+        if absorbs.decoupled and p.kernel_coefficient is not None:
+            kernel_wd, decoupled = p.kernel_coefficient, True
+        elif foreach:
+            decay_(params, p.factor)
+        else:
+            for t in params:
+                t.mul_(p.factor)
+    return grads, KernelTerms(maximize and absorbs.maximize, kernel_wd, decoupled)
+
+
+def regularize_after(params: list[Tensor], p: DecayPlan) -> None:
+    """The half of a step after the update rule: the L1 prox, θ ← sgn(θ)·max(|θ| − t, 0)."""
+    prox_l1_foreach_(params, p.threshold)
+
+
 # --- coupled: terms added to the gradient ---------------------------------------------
 
 
@@ -133,9 +258,9 @@ def coupled_gradients_(params: list[Tensor], grads: list[Tensor], weight_decay: 
 # --- decoupled: shrinking θ and the L1 proximal step ----------------------------------
 
 
-def decay_(params: list[Tensor], factor: float) -> None:
+def decay_(params: list[Tensor], factor: float | Tensor) -> None:
     """θ ← θ·factor for every tensor (nothing to do when factor is 1)."""
-    if factor != 1.0 and params:
+    if (isinstance(factor, Tensor) or factor != 1.0) and params:
         torch._foreach_mul_(params, factor)
 
 
@@ -214,7 +339,7 @@ def describe(group: dict[str, Any]) -> str:
         if l1:
             parts.append(f"g += {l1:g}·sgn(θ)")
     else:
-        scale = {"decoupled": "lr", "independent": "(lr/lr₀)", "fixed": ""}[decay]
+        scale = {"decoupled": "lr", "independent": "(lr/lr₀)", "fixed": "", "corrected": "(lr²/lr₀)"}[decay]
         if wd:
             parts.append(f"θ *= 1 − {scale}{'·' if scale else ''}{wd:g}")
         if l1:

@@ -20,10 +20,10 @@ import sys
 from types import ModuleType
 
 import descend
-from descend._digits import CommandError
+from descend.cli.digits import CommandError
 
 #: subcommand → module; a module that fails to import (``bench`` lives elsewhere) is left out.
-SUBCOMMANDS = {"demo": "descend.demo", "sweep": "descend.sweep", "bench": "descend.bench"}
+SUBCOMMANDS = {"demo": "descend.cli.demo", "sweep": "descend.cli.sweep", "bench": "descend.cli.bench"}
 _REQUIRED = {"demo", "sweep"}
 
 

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.cg import ConjugateGradient
-from descend.closure import STOP_MESSAGES, ClosureSolver, ParamSpace, Vector, loss_value
-from descend.lbfgs import LBFGS
-from descend.optimizer import _allowed
+from descend.solvers.cg import ConjugateGradient
+from descend.solvers.closure import STOP_MESSAGES, ClosureSolver, ParamSpace, Vector, loss_value
+from descend.solvers.lbfgs import LBFGS
+from descend.validation import invalid
 
 __all__ = ["minimize", "MinimizeResult", "METHODS"]
 
@@ -84,9 +84,9 @@ def minimize(fun: Callable[[Tensor], Tensor], x0: Tensor, method: str = "lbfgs",
     """
     key = method.lower() if isinstance(method, str) else method
     if key not in METHODS:
-        raise _allowed("method", method, ", ".join(repr(m) for m in METHODS))
+        raise invalid("method", method, ", ".join(repr(m) for m in METHODS))
     if not isinstance(x0, Tensor) or not (x0.is_floating_point() or x0.is_complex()):
-        raise _allowed("x0", x0 if not isinstance(x0, Tensor) else f"a tensor of dtype {x0.dtype}",
+        raise invalid("x0", x0 if not isinstance(x0, Tensor) else f"a tensor of dtype {x0.dtype}",
                        "a floating-point or complex tensor")
     for name in _OBJECTIVE_OPTIONS:
         if name in options:

@@ -28,48 +28,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend import regularization
-from descend.optimizer import RegularizedOptimizer, _allowed, check_flag, check_number, grouped_by_device_and_dtype
+from descend.optimizer import GroupBatch, RegularizedOptimizer
+from descend.regularization import Absorbs
+from descend.state import Entry, StateSpec
+from descend.tensors import grouped_by_device_and_dtype
+from descend.validation import check_flag, check_number, invalid
 
 __all__ = ["SGD", "sgd"]
 
+#: the momentum buffer is the first step's gradient, made by the rule (torch keeps None without momentum)
+STATE = StateSpec((Entry("momentum_buffer", init=None, required=False, none_allowed=True),))
 
-def sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    weight_decay: float,
-    l1: float,
-    decay: str,
-    base_lr: float,
-    implementation: str = "single",
-) -> None:
-    """Functional SGD over lists of tensors; new momentum buffers are written into
-    ``momentum_buffers`` (which must have one entry per parameter when momentum ≠ 0)."""
+
+def sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
+        momentum: float, dampening: float, nesterov: bool, maximize: bool = False, weight_decay: float = 0.0,
+        implementation: str = "single") -> None:
+    """Functional SGD over lists of tensors (the rule alone: regularization is the pipeline's);
+    new momentum buffers are written into ``momentum_buffers`` (one entry per parameter when
+    momentum ≠ 0). ``maximize`` and ``weight_decay`` (coupled) are the fused kernel's own terms."""
     impl = {"single": _single_tensor_sgd, "foreach": _multi_tensor_sgd, "fused": _fused_sgd}[implementation]
     impl(params, grads, momentum_buffers, lr=float(lr), momentum=momentum, dampening=dampening,
-         nesterov=nesterov, maximize=maximize, weight_decay=weight_decay, l1=l1, decay=decay,
-         base_lr=base_lr)
+         nesterov=nesterov, maximize=maximize, weight_decay=weight_decay)
 
 
 def _single_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
                        lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-                       weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+                       weight_decay: float) -> None:
     """The reference: one tensor at a time, each line a line of the math above."""
-    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
-    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+    assert not maximize and weight_decay == 0, "the pipeline applies these for the reference"
     for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        if decay == "coupled":
-            grad = regularization.coupled_gradient(param, grad, weight_decay, l1)
-        elif factor != 1.0:
-            param.mul_(factor)
+        grad = grads[i]
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
@@ -79,25 +67,17 @@ def _single_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffe
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
-        regularization.prox_l1_(param, threshold)
 
 
 def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
                       lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-                      weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+                      weight_decay: float) -> None:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype."""
-    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
-    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+    assert not maximize and weight_decay == 0, "the pipeline applies these for foreach"
     lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
     for tensors, indices in grouped_by_device_and_dtype(lists):
         device_params: list[Tensor] = tensors[0]
         device_grads: list[Tensor] = tensors[1]
-        if maximize:
-            device_grads = list(torch._foreach_neg(device_grads))
-        if decay == "coupled":
-            device_grads = regularization.coupled_gradients_(device_params, device_grads, weight_decay, l1)
-        else:
-            regularization.decay_(device_params, factor)
         if momentum != 0:
             bufs: list[Tensor] = tensors[2]
             if all(b is not None for b in bufs):
@@ -114,48 +94,34 @@ def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffer
             else:
                 device_grads = bufs
         torch._foreach_add_(device_params, device_grads, alpha=-lr)
-        regularization.prox_l1_foreach_(device_params, threshold)
 
 
 def _fused_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
                lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-               weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
-    """torch's fused SGD kernel, which applies coupled weight decay itself. Decoupled
-    decay is a multiply before it, coupled L1 a term added to (a copy of) the gradient,
-    decoupled L1 a soft-threshold after it."""
-    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
-    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+               weight_decay: float) -> None:
+    """torch's fused SGD kernel, which negates the gradient (``maximize``) and adds the coupled
+    ``weight_decay`` term itself."""
     lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
     for tensors, indices in grouped_by_device_and_dtype(lists):
         device_params: list[Tensor] = tensors[0]
         device_grads: list[Tensor] = tensors[1]
-        kernel_decay = 0.0
-        if decay == "coupled":
-            kernel_decay = weight_decay
-            if l1 != 0:
-                # the kernel negates the gradient when maximizing; pre-negate the L1 term to match
-                device_grads = list(torch._foreach_add(device_grads, torch._foreach_sign(device_params),
-                                                       alpha=-l1 if maximize else l1))
-        else:
-            regularization.decay_(device_params, factor)
-        options: dict[str, Any] = dict(weight_decay=kernel_decay, momentum=momentum, lr=lr,
+        options: dict[str, Any] = dict(weight_decay=weight_decay, momentum=momentum, lr=lr,
                                        dampening=dampening, nesterov=nesterov, maximize=maximize)
         if momentum == 0:
             torch._fused_sgd_(device_params, device_grads, [], is_first_step=False, **options)
-        else:
-            # the kernel takes one is_first_step for the whole list: new buffers go in their own call
-            old = [j for j, b in enumerate(tensors[2]) if b is not None]
-            new = [j for j, b in enumerate(tensors[2]) if b is None]
-            for chosen, first in ((old, False), (new, True)):
-                if not chosen:
-                    continue
-                if first:
-                    for j in chosen:
-                        momentum_buffers[indices[j]] = torch.empty_like(device_grads[j])
-                bufs = [momentum_buffers[indices[j]] for j in chosen]
-                torch._fused_sgd_([device_params[j] for j in chosen], [device_grads[j] for j in chosen],
-                                  bufs, is_first_step=first, **options)  # type: ignore[arg-type]
-        regularization.prox_l1_foreach_(device_params, threshold)
+            continue
+        # the kernel takes one is_first_step for the whole list: new buffers go in their own call
+        old = [j for j, b in enumerate(tensors[2]) if b is not None]
+        new = [j for j, b in enumerate(tensors[2]) if b is None]
+        for chosen, first in ((old, False), (new, True)):
+            if not chosen:
+                continue
+            if first:
+                for j in chosen:
+                    momentum_buffers[indices[j]] = torch.empty_like(device_grads[j])
+            bufs = [momentum_buffers[indices[j]] for j in chosen]
+            torch._fused_sgd_([device_params[j] for j in chosen], [device_grads[j] for j in chosen],
+                              bufs, is_first_step=first, **options)  # type: ignore[arg-type]
 
 
 class SGD(RegularizedOptimizer):
@@ -180,10 +146,11 @@ class SGD(RegularizedOptimizer):
         flat: keep parameters, gradients and state in one buffer per device and dtype, so
             that one kernel steps many small tensors (see :mod:`descend.flat`).
 
-    The update rule is in the docstring of :mod:`descend.sgd`.
+    The update rule is in the docstring of :mod:`descend.optimizers.sgd`.
     """
 
-    _state_keys = ("momentum_buffer",)
+    state_spec = STATE
+    _absorbs = {"fused": Absorbs(maximize=True, coupled=True)}
     _group_keys = ("momentum", "dampening", "nesterov")
     # torch 2.13's fused SGD on the CPU leaves whole SIMD blocks of 16-bit parameters
     # unchanged (seen in tests/test_properties.py): those take the foreach path instead
@@ -205,17 +172,17 @@ class SGD(RegularizedOptimizer):
         check_number("momentum", group["momentum"], low=0, high=1)
         check_number("dampening", group["dampening"], low=0, high=1, high_open=False)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise _allowed("nesterov", group["nesterov"],
+            raise invalid("nesterov", group["nesterov"],
                            f"True only with momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
                            f"dampening={group['dampening']!r}")
 
-    def _update(self, batch: Any, implementation: str) -> None:
-        group = batch.group
+    def _update(self, batch: GroupBatch, implementation: str) -> None:
+        group, terms = batch.group, batch.terms
         momentum = group["momentum"]
         bufs = batch.state_list("momentum_buffer") if momentum != 0 else []
         sgd(batch.params, batch.grads, bufs, lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-            nesterov=group["nesterov"], maximize=group["maximize"], weight_decay=group["weight_decay"],
-            l1=group["l1"], decay=group["decay"], base_lr=group["base_lr"], implementation=implementation)
+            nesterov=group["nesterov"], maximize=terms.maximize, weight_decay=terms.weight_decay,
+            implementation=implementation)
         if momentum != 0:
             for state, buf in zip(batch.states, bufs, strict=True):
                 state["momentum_buffer"] = buf

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 import descend
-from descend import _digits
+from descend.cli import digits
 
 HELP = "learning rate × weight decay grid for Adam+L2 and AdamW; draws the two test-error heatmaps"
 
@@ -94,22 +94,22 @@ def make_optimizer(cell: Cell, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown method {cell.method!r}")
 
 
-_DATA: _digits.Digits | None = None
+_DATA: digits.Digits | None = None
 
 
-def _data() -> _digits.Digits:
+def _data() -> digits.Digits:
     global _DATA
     if _DATA is None:
-        _DATA = _digits.load_digits(torch.float64)
+        _DATA = digits.load_digits(torch.float64)
     return _DATA
 
 
 def train_cell(cell: Cell) -> dict[str, Any]:
     """Train one cell; returns its record (the line appended to ``sweep.jsonl``)."""
     data = _data()
-    model = _digits.make_mlp(data, cell.hidden, cell.seed)
+    model = digits.make_mlp(data, cell.hidden, cell.seed)
     optimizer = make_optimizer(cell, model)
-    history = _digits.train_minibatch(model, optimizer, data, epochs=cell.epochs, batch_size=cell.batch_size,
+    history = digits.train_minibatch(model, optimizer, data, epochs=cell.epochs, batch_size=cell.batch_size,
                                       seed=cell.seed, measure_every_epoch=False)
     last = history.snapshots[-1]
     return {"key": cell.key, **asdict(cell), "test_error": 1.0 - last.test_acc,
@@ -184,7 +184,7 @@ def _run_cells(cells: list[Cell], workers: int) -> Generator[dict[str, Any], Non
     """Yield each cell's record as it finishes, in a pool of ``workers`` processes (in this
     process when ``workers`` is 1). Closing the generator (Ctrl-C) stops the workers."""
     if workers <= 1 or len(cells) <= 1:
-        with _digits.torch_threads(1):
+        with digits.torch_threads(1):
             for cell in cells:
                 yield train_cell(cell)
         return
@@ -345,15 +345,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log2 of the smallest and largest learning rate (default: -12 -4)")
     parser.add_argument("--wd", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-16.0, -2.0],
                         help="log2 of the smallest and largest weight decay, for every method (default: -16 -2)")
-    parser.add_argument("--n-lr", type=_digits.positive_int, default=9, metavar="N",
+    parser.add_argument("--n-lr", type=digits.positive_int, default=9, metavar="N",
                         help="number of learning rates (default: 9)")
-    parser.add_argument("--n-wd", type=_digits.positive_int, default=8, metavar="N",
+    parser.add_argument("--n-wd", type=digits.positive_int, default=8, metavar="N",
                         help="number of weight decays (default: 8)")
-    parser.add_argument("--epochs", type=_digits.positive_int, default=EPOCHS, metavar="N",
+    parser.add_argument("--epochs", type=digits.positive_int, default=EPOCHS, metavar="N",
                         help=f"epochs per cell (default: {EPOCHS})")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="initial weights and minibatch order (default: 0)")
-    parser.add_argument("--workers", type=_digits.positive_int, default=os.cpu_count() or 1, metavar="N",
+    parser.add_argument("--workers", type=digits.positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="worker processes (default: all cores, here %(default)s)")
     parser.add_argument("--methods", type=_methods, default=DEFAULT_METHODS, metavar="M[,M...]",
                         help=f"what to compare, one heatmap each (default: {','.join(DEFAULT_METHODS)}; "
@@ -370,8 +370,8 @@ def cells_of(args: argparse.Namespace) -> tuple[list[Cell], list[float], list[fl
 
 
 def run(args: argparse.Namespace) -> int:
-    out = _digits.prepare_output_dir(args.out)
-    _digits.require("sklearn", "matplotlib", "tqdm")
+    out = digits.prepare_output_dir(args.out)
+    digits.require("sklearn", "matplotlib", "tqdm")
     cells, lrs, wds = cells_of(args)
     start = time.perf_counter()
     interrupted = False

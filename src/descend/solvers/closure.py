@@ -44,7 +44,9 @@ import torch
 from torch import Tensor
 
 from descend import regularization
-from descend.optimizer import RegularizedOptimizer, _all_finite, _allowed, _value, check_number
+from descend.optimizer import RegularizedOptimizer
+from descend.tensors import all_finite, is_dtensor
+from descend.validation import check_int, check_number, invalid, scalar_value
 
 __all__ = ["ParamSpace", "Objective", "ClosureSolver", "Outcome", "Vector", "dot", "max_abs", "abs_sum",
            "loss_value", "squared_norm", "is_finite"]
@@ -55,19 +57,6 @@ Vector = list[Tensor]
 Scalar = float | Tensor
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
-
-
-def is_dtensor(t: Any) -> bool:
-    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def _to_local_scalar(x: Tensor) -> Tensor:
@@ -438,15 +427,10 @@ class Outcome:
 IterationCallback = Callable[[float | None, Vector | None, int, int], bool | None]
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _allowed(name, value, f"an integer >= {low}")
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         try:
-            return _value(a) == _value(b)
+            return scalar_value(a) == scalar_value(b)
         except (TypeError, ValueError, RuntimeError):
             return False
     return bool(a == b)
@@ -472,7 +456,7 @@ def _process_groups(process_group: Any) -> list[Any]:
                              "(torch.distributed.init_process_group)")
         return [dist.group.WORLD]
     if isinstance(process_group, str):
-        raise _allowed("process_group", process_group, "None, True, 'default' or a torch.distributed ProcessGroup")
+        raise invalid("process_group", process_group, "None, True, 'default' or a torch.distributed ProcessGroup")
     return [process_group]
 
 
@@ -535,7 +519,7 @@ class ClosureSolver(RegularizedOptimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore",
                  process_group: Any = None) -> None:
-        _check_int("max_iter", defaults["max_iter"], 1)
+        check_int("max_iter", defaults["max_iter"], 1)
         if defaults["max_eval"] is None:
             defaults["max_eval"] = defaults["max_iter"] * 5 // 4  # torch's default
         self.last_stop: str | None = None
@@ -547,24 +531,24 @@ class ClosureSolver(RegularizedOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         name = type(self).__name__
-        _check_int("max_iter", group["max_iter"], 1)
-        _check_int("max_eval", group["max_eval"], 1)
+        check_int("max_iter", group["max_iter"], 1)
+        check_int("max_eval", group["max_eval"], 1)
         check_number("tolerance_grad", group["tolerance_grad"], low=0)
         check_number("tolerance_change", group["tolerance_change"], low=0)
         if group["line_search_fn"] not in (None, "strong_wolfe"):
-            raise _allowed("line_search_fn", group["line_search_fn"], "None or 'strong_wolfe'")
+            raise invalid("line_search_fn", group["line_search_fn"], "None or 'strong_wolfe'")
         check_number("c1", group["c1"], low=0, high=1, low_open=True)
-        check_number("c2", group["c2"], low=_value(group["c1"]), high=1, low_open=True)
+        check_number("c2", group["c2"], low=scalar_value(group["c1"]), high=1, low_open=True)
         if not isinstance(group["maximize"], bool):
-            raise _allowed("maximize", group["maximize"], "True or False")
+            raise invalid("maximize", group["maximize"], "True or False")
         if group["decay"] != "coupled":
-            raise _allowed(
+            raise invalid(
                 "decay", group["decay"],
                 f"'coupled' only: {name} minimizes f + Σ weight_decay/2·‖θ‖², so weight decay is part of the "
                 "objective its line search measures; a decoupled shrink of θ between evaluations has no "
                 "objective to descend")
-        if _value(group["l1"]) != 0:
-            raise _allowed(
+        if scalar_value(group["l1"]) != 0:
+            raise invalid(
                 "l1", group["l1"],
                 f"0 only: {name} needs a smooth objective, and λ₁·‖θ‖₁ is not differentiable at 0 "
                 "(its curvature pairs and line search break down there)")
@@ -580,7 +564,7 @@ class ClosureSolver(RegularizedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict) and "max_eval" in param_group and param_group["max_eval"] is None:
             max_iter = param_group.get("max_iter", self.defaults["max_iter"])
-            _check_int("max_iter", max_iter, 1)
+            check_int("max_iter", max_iter, 1)
             param_group = {**param_group, "max_eval": max_iter * 5 // 4}
         if self.param_groups and isinstance(param_group, dict):
             options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
@@ -598,7 +582,7 @@ class ClosureSolver(RegularizedOptimizer):
             if i:
                 self._check_agreement(first, group, i)
         settings = {k: first[k] for k in self.defaults if k not in ("weight_decay", "l1", "decay")}
-        settings["lr"] = _value(first["lr"])
+        settings["lr"] = scalar_value(first["lr"])
         return settings
 
     # --- state: each parameter keeps its slice of every vector ---------------------------------
@@ -718,7 +702,7 @@ class ClosureSolver(RegularizedOptimizer):
                              "when it fails: see 'Closure solvers' in docs/distributed.md)")
         settings = self._settings()
         params = [p for g in self.param_groups for p in g["params"]]
-        decays = [_value(g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
+        decays = [scalar_value(g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
         space = ParamSpace(params)
         state = self._load_state(space)
         loss_groups = getattr(self, "_loss_groups", []) or mesh_groups(params)
@@ -748,7 +732,7 @@ class ClosureSolver(RegularizedOptimizer):
         if _grads_finite(grads):
             return
         if self.nonfinite == "raise":
-            culprit = next(p for p in params if p.grad is not None and not _all_finite(p.grad))
+            culprit = next(p for p in params if p.grad is not None and not all_finite(p.grad))
             raise FloatingPointError(f"non-finite gradient in {self._describe_param(culprit)}; nothing was "
                                      "changed (nonfinite='raise')")
         raise _Skipped(loss)
@@ -763,5 +747,5 @@ def _grads_finite(grads: Sequence[Tensor]) -> bool:
     plain = [g.to_dense() if g.is_sparse else g for g in grads if not is_dtensor(g) and g.numel()]
     flags = [torch.isfinite(g).all() for g in plain]
     finite = not flags or bool(torch.stack([f.cpu() for f in flags]).all())
-    return finite and all([_all_finite(g) for g in grads if is_dtensor(g)])
+    return finite and all([all_finite(g) for g in grads if is_dtensor(g)])
 

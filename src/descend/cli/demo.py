@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 import descend
-from descend import _digits
-from descend._digits import Digits, History
+from descend.cli import digits
+from descend.cli.digits import Digits, History
 
 HELP = "train on the digits data under each kind of regularization; write a figure, a table, JSON and CSV"
 
@@ -217,9 +217,9 @@ class _Progress:
 
 
 def _train_mlp(config: Config, data: Digits, epochs: int, seed: int, progress: _Progress) -> Run:
-    model = _digits.make_mlp(data, HIDDEN, seed)
+    model = digits.make_mlp(data, HIDDEN, seed)
     optimizer = config.build(model)
-    w = _digits.weights(model)
+    w = digits.weights(model)
     penalty = None
     if config.penalty:
         coefficient = config.penalty
@@ -229,29 +229,29 @@ def _train_mlp(config: Config, data: Digits, epochs: int, seed: int, progress: _
 
     with progress.bar(config.name, epochs) as bar:
 
-        def on_epoch(epoch: int, snap: _digits.Snapshot) -> None:
+        def on_epoch(epoch: int, snap: digits.Snapshot) -> None:
             bar.set_postfix(loss=f"{snap.train_loss:.3g}", acc=f"{snap.test_acc:.3f}", refresh=False)
             bar.update(1)
 
-        history = _digits.train_minibatch(model, optimizer, data, epochs=epochs, batch_size=BATCH_SIZE, seed=seed,
+        history = digits.train_minibatch(model, optimizer, data, epochs=epochs, batch_size=BATCH_SIZE, seed=seed,
                                           penalty=penalty, on_epoch=on_epoch)
-    return Run(config, history, _digits.flat_params(model))
+    return Run(config, history, digits.flat_params(model))
 
 
 def _logistic_objective(model: nn.Module, data: Digits) -> Tensor:
     """What the full-batch runs minimize: cross-entropy + λ/2·Σw² (λ = LOGISTIC_L2)."""
     loss = nn.functional.cross_entropy(model(data.x_train), data.y_train)
-    return loss + LOGISTIC_L2 / 2 * descend.l2_penalty(_digits.weights(model))
+    return loss + LOGISTIC_L2 / 2 * descend.l2_penalty(digits.weights(model))
 
 
 def _train_full_batch(config: Config, data: Digits, budget: int, seed: int, progress: _Progress) -> Run:
     """step(closure) until ``budget`` gradient evaluations (passes) are spent or the
     solver stops moving."""
-    model = _digits.make_logistic(data, seed)
+    model = digits.make_logistic(data, seed)
     optimizer = config.build(model)
     evaluations = 0
 
-    w = _digits.weights(model)
+    w = digits.weights(model)
 
     def closure() -> Any:  # the loss tensor; typed Any because torch types step(closure) as returning float
         nonlocal evaluations
@@ -263,24 +263,24 @@ def _train_full_batch(config: Config, data: Digits, budget: int, seed: int, prog
         loss.backward()
         return loss
 
-    history = History(passes=[0.0], snapshots=[_digits.measure(model, data)])
+    history = History(passes=[0.0], snapshots=[digits.measure(model, data)])
     with progress.bar(config.name, budget) as bar:
         while evaluations < budget:
-            before = _digits.flat_params(model)
+            before = digits.flat_params(model)
             start = time.perf_counter()
             optimizer.step(closure)
             history.seconds += time.perf_counter() - start
             history.steps += 1
-            snap = _digits.measure(model, data)
+            snap = digits.measure(model, data)
             history.passes.append(float(evaluations))
             history.snapshots.append(snap)
             bar.set_postfix(loss=f"{snap.train_loss:.3g}", acc=f"{snap.test_acc:.3f}", refresh=False)
             bar.update(min(evaluations, budget) - bar.n)
-            if torch.equal(before, _digits.flat_params(model)):
+            if torch.equal(before, digits.flat_params(model)):
                 break  # converged: the solver's own tolerances stopped it
     with torch.no_grad():
         objective = float(_logistic_objective(model, data))
-    return Run(config, history, _digits.flat_params(model), extra={"objective": objective})
+    return Run(config, history, digits.flat_params(model), extra={"objective": objective})
 
 
 def logistic_optimum(data: Digits) -> float:
@@ -288,7 +288,7 @@ def logistic_optimum(data: Digits) -> float:
     import numpy as np
     from scipy.optimize import minimize
 
-    model = _digits.make_logistic(data, 0)  # its values are replaced; only the shapes matter
+    model = digits.make_logistic(data, 0)  # its values are replaced; only the shapes matter
     params = list(model.parameters())
 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -367,7 +367,7 @@ def _finite(x: Any) -> Any:
 def write_results(out: str, meta: dict[str, Any], runs: list[Run], comparisons: list[dict[str, Any]]) -> None:
     records = [r.record() for r in runs]
     doc = {**meta, "runs": records, "comparisons": comparisons}
-    _digits.atomic_write_text(f"{out}/results.json", json.dumps(_finite(doc), indent=1, ensure_ascii=False) + "\n")
+    digits.atomic_write_text(f"{out}/results.json", json.dumps(_finite(doc), indent=1, ensure_ascii=False) + "\n")
     buf = io.StringIO()
     keys = ["name", "label", "optimizer", "model", "train_loss", "test_acc", "norm", "zero_share", "steps",
             "passes", "time_s"]
@@ -375,7 +375,7 @@ def write_results(out: str, meta: dict[str, Any], runs: list[Run], comparisons: 
     writer.writeheader()
     for rec in records:
         writer.writerow(rec)
-    _digits.atomic_write_text(f"{out}/results.csv", buf.getvalue())
+    digits.atomic_write_text(f"{out}/results.csv", buf.getvalue())
     tmp = f"{out}/weights.pt.tmp-{os.getpid()}"
     try:
         torch.save({r.config.name: r.final for r in runs}, tmp)
@@ -434,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="initial weights and minibatch order (default: 0)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_EPOCHS} epochs instead of {EPOCHS} (well under 30 s)")
-    parser.add_argument("--epochs", type=_digits.positive_int, metavar="N",
+    parser.add_argument("--epochs", type=digits.positive_int, metavar="N",
                         help=f"epochs of each minibatch run (default: {EPOCHS}; the full-batch runs always get "
                         f"{FULL_BATCH_PASSES} gradient evaluations)")
     parser.add_argument("--only", type=_run_names, metavar="RUN[,RUN...]",
@@ -443,8 +443,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = _digits.prepare_output_dir(args.out)
-    _digits.require("sklearn", "matplotlib", "tqdm", "scipy")
+    out = digits.prepare_output_dir(args.out)
+    digits.require("sklearn", "matplotlib", "tqdm", "scipy")
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     configs = [c for c in configurations() if args.only is None or c.name in args.only]
     progress = _Progress(enabled=not args.no_progress)
@@ -459,8 +459,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     runs: list[Run] = []
     interrupted = False
-    with _digits.torch_threads(1):
-        data = _digits.load_digits(torch.float64)
+    with digits.torch_threads(1):
+        data = digits.load_digits(torch.float64)
         if any(c.full_batch for c in configs):
             meta["logistic_optimum"] = logistic_optimum(data)
         try:

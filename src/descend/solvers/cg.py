@@ -1,14 +1,14 @@
 r"""Nonlinear conjugate gradient: the optimizer torch.optim's documentation has promised since 2017.
 
 One call of ``step(closure)`` runs up to ``max_iter`` iterations on the objective
-φ(θ) = s·f(θ) + Σ_g λ_g/2·‖θ_g‖² of :mod:`descend.lbfgs` (s = −1 when maximizing). With
+φ(θ) = s·f(θ) + Σ_g λ_g/2·‖θ_g‖² of :mod:`descend.solvers.lbfgs` (s = −1 when maximizing). With
 g_k = ∇φ(θ_k), y_k = g_{k+1} − g_k and d_k the last direction (Nocedal & Wright, *Numerical
 Optimization*, 2nd ed., ch. 5):
 
 .. math::
    d_0 = -g_0,\qquad d_{k+1} = -g_{k+1} + \beta_{k+1} d_k,\qquad \theta_{k+1} = \theta_k + t_k d_k
 
-with t_k from the strong Wolfe line search of :mod:`descend.linesearch` and β by ``beta``:
+with t_k from the strong Wolfe line search of :mod:`descend.solvers.linesearch` and β by ``beta``:
 
 ========  ==================================================================  ==========================
 ``beta``  β_{k+1}                                                             reference
@@ -53,10 +53,11 @@ from typing import Any
 
 from torch import Tensor
 
-from descend import closure as vec
-from descend.closure import ClosureSolver, IterationCallback, Objective, Outcome, Scalar, Vector, _check_int
-from descend.linesearch import iterate
-from descend.optimizer import _allowed
+from descend.solvers import closure as vec
+from descend.solvers.closure import ClosureSolver, IterationCallback, Objective, Outcome, Scalar, Vector
+from descend.solvers.linesearch import iterate
+from descend.state import StateSpec
+from descend.validation import check_int, invalid
 
 __all__ = ["ConjugateGradient", "CG", "conjugate_gradient", "cg_beta", "BETAS"]
 
@@ -153,7 +154,7 @@ def conjugate_gradient(objective: Objective, state: dict[str, Any], *, lr: float
                        name: str = "ConjugateGradient") -> tuple[dict[str, Any], Outcome]:
     """Functional nonlinear CG: up to ``max_iter`` iterations on ``objective``, from ``state``.
 
-    ``state`` is not modified; the new state is returned with the :class:`~descend.closure.Outcome`.
+    ``state`` is not modified; the new state is returned with the :class:`~descend.solvers.closure.Outcome`.
     Its keys: ``func_evals``, ``n_iter``, ``d``, ``t``, ``prev_flat_grad``, ``prev_loss``,
     ``since_restart``, ``restarts`` (and ``restart`` after a failure on non-finite values).
     """
@@ -186,18 +187,18 @@ class ConjugateGradient(ClosureSolver):
         decay: ``"coupled"`` only (weight decay is part of the objective).
         maximize: maximize the closure's loss instead of minimizing it.
         nonfinite: ``"ignore"`` (default), ``"skip"`` or ``"raise"`` for a non-finite gradient at
-            the step's starting point (see :class:`~descend.closure.ClosureSolver`).
+            the step's starting point (see :class:`~descend.solvers.closure.ClosureSolver`).
         process_group: DDP: None (default, no reduction), True or ``"default"`` (the default
             group) or a process group: the closure's loss is averaged over it, so the ranks take
             the same decisions. DTensor (FSDP2) parameters need nothing: the loss is averaged
             over their mesh.
 
-    The formulas, restarts and step rule are in the docstring of :mod:`descend.cg`.
+    The formulas, restarts and step rule are in the docstring of :mod:`descend.solvers.cg`.
     """
 
     _shared = ClosureSolver._shared + ("beta", "restart", "restart_every")
     _vector_keys = ("d", "prev_flat_grad")
-    _state_keys = ("func_evals", "n_iter", "d", "t", "prev_flat_grad", "prev_loss", "since_restart", "restarts",
+    state_spec = StateSpec.untyped("func_evals", "n_iter", "d", "t", "prev_flat_grad", "prev_loss", "since_restart", "restarts",
                    "force_restart", "restart")
     _group_keys = ("beta", "restart", "max_iter", "line_search_fn")
 
@@ -216,11 +217,11 @@ class ConjugateGradient(ClosureSolver):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         if group["beta"] not in BETAS:
-            raise _allowed("beta", group["beta"], ", ".join(repr(b) for b in BETAS))
+            raise invalid("beta", group["beta"], ", ".join(repr(b) for b in BETAS))
         if group["restart"] not in RESTARTS:
-            raise _allowed("restart", group["restart"], "'powell' or None")
+            raise invalid("restart", group["restart"], "'powell' or None")
         if group["restart_every"] is not None:
-            _check_int("restart_every", group["restart_every"], 1)
+            check_int("restart_every", group["restart_every"], 1)
 
     def _solve(self, objective: Objective, state: dict[str, Any], settings: dict[str, Any],
                callback: IterationCallback | None) -> tuple[dict[str, Any], Outcome]:

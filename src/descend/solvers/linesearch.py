@@ -46,8 +46,8 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from descend import closure as vec
-from descend.closure import Scalar, Vector
+from descend.solvers import closure as vec
+from descend.solvers.closure import Scalar, Vector
 
 __all__ = ["strong_wolfe", "cubic_minimizer", "LineSearchResult", "move", "iterate", "DirectionRule"]
 

@@ -31,18 +31,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend import regularization
-from descend.optimizer import (
-    _IS_CPU,
-    GroupBatch,
-    RegularizedOptimizer,
-    _allowed,
-    check_flag,
-    check_number,
-    grouped_by_device_and_dtype,
-)
+from descend.optimizer import GroupBatch, RegularizedOptimizer
+from descend.regularization import Absorbs
+from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import IS_CPU, grouped_by_device_and_dtype
+from descend.validation import check_flag, check_number, invalid
 
 __all__ = ["Adam", "AdamW", "adam"]
+
+
+def _amsgrad(param: Tensor, group: dict[str, Any]) -> bool:
+    return bool(group["amsgrad"])
+
+
+STATE = StateSpec((
+    # float32 on the parameter's device, as torch's fused Adam keeps it
+    Entry("step", SCALAR, low=0),
+    Entry("exp_avg"),
+    Entry("exp_avg_sq", low=0),
+    # made when amsgrad is on; a group that switches it on later starts it from v
+    Entry("max_exp_avg_sq", required=False, when=_amsgrad, low=0),
+))
 
 
 def adam(
@@ -58,40 +67,33 @@ def adam(
     beta2: float,
     eps: float,
     amsgrad: bool,
-    maximize: bool,
-    weight_decay: float,
-    l1: float,
-    decay: str,
-    base_lr: float,
+    maximize: bool = False,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
     implementation: str = "single",
 ) -> None:
-    """Functional Adam over lists of tensors (state updated in place; ``steps`` are
-    float32 scalar tensors, incremented here)."""
+    """Functional Adam over lists of tensors (the rule alone: regularization is the pipeline's;
+    state updated in place; ``steps`` are float32 scalar tensors, incremented here).
+    ``maximize`` and ``weight_decay`` (coupled, or ``decoupled``) are the fused kernels' own terms."""
     impl = {"single": _single_tensor_adam, "foreach": _multi_tensor_adam, "fused": _fused_adam}[implementation]
     # A tensor lr stays a tensor where torch keeps it one (its step size is then computed in the
     # tensor's dtype, float32 for torch.tensor(0.01)): parity includes that rounding.
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
-         beta2=float(beta2), eps=eps, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, l1=l1,
-         decay=decay, base_lr=base_lr)
+         beta2=float(beta2), eps=eps, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay,
+         decoupled=decoupled)
 
 
 def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
                         lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
-                        weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+                        weight_decay: float, decoupled: bool) -> None:
     """The reference: one tensor at a time, each line a line of the math above."""
-    factor = regularization.decay_factor_as_torch(decay, lr, base_lr, weight_decay)
-    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
-    for i, original in enumerate(params):
-        param = original
-        grad = grads[i] if not maximize else -grads[i]
+    assert not maximize and weight_decay == 0, "the pipeline applies these for the reference"
+    for i, param in enumerate(params):
+        grad = grads[i]
         exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
         steps[i] += 1
-        if decay == "coupled":
-            grad = regularization.coupled_gradient(param, grad, weight_decay, l1)
-        elif isinstance(factor, Tensor) or factor != 1.0:
-            param.mul_(factor)
         if torch.is_complex(param):
             # the moments of a complex parameter are those of its real and imaginary parts
             param, grad = torch.view_as_real(param), torch.view_as_real(grad)
@@ -109,29 +111,21 @@ def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)  # type: ignore[arg-type]
-        regularization.prox_l1_(original, threshold)
 
 
 def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
                        lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
-                       weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
+                       weight_decay: float, decoupled: bool) -> None:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype."""
+    assert not maximize and weight_decay == 0, "the pipeline applies these for foreach"
     lr = float(lr)
-    factor = regularization.decay_factor(decay, lr, base_lr, weight_decay)
-    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
     lists: list[list[Any]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     if amsgrad:
         lists.append(max_exp_avg_sqs)
     for tensors, _ in grouped_by_device_and_dtype(lists):
         p, g, m, v, t = tensors[:5]
         torch._foreach_add_(t, 1)
-        if maximize:
-            g = list(torch._foreach_neg(g))
-        if decay == "coupled":
-            g = regularization.coupled_gradients_(p, g, weight_decay, l1)
-        else:
-            regularization.decay_(p, factor)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
@@ -147,17 +141,15 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_div_(denom, bias_correction2_sqrts)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, neg_step_sizes)
-        regularization.prox_l1_foreach_(p, threshold)
 
 
 def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
                 lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
-                weight_decay: float, l1: float, decay: str, base_lr: float) -> None:
-    """torch's fused Adam/AdamW kernels. Coupled decay is the Adam kernel's own; every
-    decoupled mode is the AdamW kernel's θ·(1 − lr·c) with c from
-    :func:`descend.regularization.torch_decoupled_coefficient`."""
-    threshold = regularization.l1_threshold(decay, lr, base_lr, l1)
+                weight_decay: float, decoupled: bool) -> None:
+    """torch's fused kernels: Adam's, whose ``weight_decay`` is coupled, or AdamW's, whose
+    ``weight_decay`` c multiplies θ by 1 − lr·c (every decoupled mode, with c from the plan)."""
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     lists: list[list[Any]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     if amsgrad:
         lists.append(max_exp_avg_sqs)
@@ -165,22 +157,8 @@ def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         p, g, m, v, t = tensors[:5]
         vmax = tensors[5] if amsgrad else []
         torch._foreach_add_(t, 1)
-        if decay == "coupled":
-            kernel = torch._fused_adam_
-            coefficient = weight_decay
-            if l1 != 0:
-                # the kernel negates the gradient when maximizing; pre-negate the L1 term to match
-                g = list(torch._foreach_add(g, torch._foreach_sign(p), alpha=-l1 if maximize else l1))
-        else:
-            kernel = torch._fused_adamw_
-            c = regularization.torch_decoupled_coefficient(decay, lr, base_lr, weight_decay)
-            if c is None:  # lr = 0: the kernel cannot express the factor, so apply it here
-                regularization.decay_(p, regularization.decay_factor(decay, lr, base_lr, weight_decay))
-                c = 0.0
-            coefficient = c
         kernel(p, g, m, v, vmax, t, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
-               weight_decay=coefficient, eps=eps, maximize=maximize, grad_scale=None, found_inf=None)
-        regularization.prox_l1_foreach_(p, threshold)
+               weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=None, found_inf=None)
 
 
 class Adam(RegularizedOptimizer):
@@ -198,12 +176,13 @@ class Adam(RegularizedOptimizer):
             default: torch's AdamW), ``"independent"`` (the AdamW paper) or ``"fixed"``.
         maximize, foreach, fused, nonfinite, flat: as for :class:`descend.SGD`.
 
-    The update rule is in the docstring of :mod:`descend.adam`.
+    The update rule is in the docstring of :mod:`descend.optimizers.adam`.
     """
 
-    _state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    state_spec = STATE
+    _absorbs = {"fused": Absorbs(maximize=True, coupled=True, decoupled=True)}
+    _tensor_lr_paths = ("single", "fused")
     _group_keys = ("betas", "eps", "amsgrad")
-    _required_state = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, l1: float = 0,
@@ -219,24 +198,13 @@ class Adam(RegularizedOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise _allowed("betas", betas, "a pair (beta1, beta2)")
+            raise invalid("betas", betas, "a pair (beta1, beta2)")
         for i in (0, 1):
             try:
                 check_number(f"beta{i + 1}", betas[i], low=0, high=1)
             except ValueError:
-                raise _allowed("betas", betas, f"beta{i + 1} = betas[{i}] a number in [0, 1)") from None
+                raise invalid("betas", betas, f"beta{i + 1} = betas[{i}] a number in [0, 1)") from None
         check_number("eps", group["eps"], low=0)
-
-    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = {
-            # float32 on the parameter's device, as torch's fused Adam keeps it
-            "step": torch.zeros((), dtype=torch.float32, device=param.device),
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-        }
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -255,7 +223,7 @@ class Adam(RegularizedOptimizer):
             # torch's load_state_dict leaves step counts on the CPU; fused kernels want them
             # on the parameter's device (compared in bulk: .device builds an object per call)
             steps = batch.state_list("step")
-            if not (all(map(_IS_CPU, batch.params)) and all(map(_IS_CPU, steps))):
+            if not (all(map(IS_CPU, batch.params)) and all(map(IS_CPU, steps))):
                 for p, state in zip(batch.params, batch.states, strict=True):
                     if state["step"].device != p.device:
                         state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
@@ -263,8 +231,8 @@ class Adam(RegularizedOptimizer):
         adam(batch.params, batch.grads, batch.state_list("exp_avg"), batch.state_list("exp_avg_sq"),
              batch.state_list("max_exp_avg_sq") if group["amsgrad"] else [], batch.state_list("step"),
              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], amsgrad=group["amsgrad"],
-             maximize=group["maximize"], weight_decay=group["weight_decay"], l1=group["l1"],
-             decay=group["decay"], base_lr=group["base_lr"], implementation=implementation)
+             maximize=batch.terms.maximize, weight_decay=batch.terms.weight_decay, decoupled=batch.terms.decoupled,
+             implementation=implementation)
 
 
 class AdamW(Adam):

@@ -22,7 +22,7 @@ pairs with y_iᵀs_i > 10⁻¹⁰ (Nocedal & Wright, *Numerical Optimization*, A
      \theta_{k+1} \leftarrow \theta_k + t_k d_k
    \end{aligned}
 
-with t_k from the strong Wolfe line search of :mod:`descend.linesearch` (``line_search_fn=
+with t_k from the strong Wolfe line search of :mod:`descend.solvers.linesearch` (``line_search_fn=
 "strong_wolfe"``), or t_k = lr (and lr·min(1, 1/‖g_0‖₁) on the very first iteration) without
 one. A call stops when ``max_iter`` iterations or ``max_eval`` evaluations are spent, when
 ‖g‖_∞ ≤ ``tolerance_grad``, when g_kᵀd_k > −``tolerance_change``, or when ‖t_k d_k‖_∞ or
@@ -40,7 +40,7 @@ Differences from torch:
   sees the penalty as well as the gradient. Only ``decay="coupled"`` is meaningful; ``l1``
   must be 0 (φ must be smooth).
 - ``maximize``; parameters on several devices or of several dtypes; DTensor parameters
-  (reductions are global, see :mod:`descend.closure`).
+  (reductions are global, see :mod:`descend.solvers.closure`).
 - ``c1`` and ``c2`` of the line search are arguments.
 - The state is per parameter (each keeps its slices of d, the last gradient and the history,
   shaped like itself; the scalars are with the first parameter), so descend's checkpoint
@@ -62,9 +62,11 @@ from typing import Any
 
 from torch import Tensor
 
-from descend import closure as vec
-from descend.closure import ClosureSolver, IterationCallback, Objective, Outcome, Scalar, Vector, _check_int
-from descend.linesearch import iterate
+from descend.solvers import closure as vec
+from descend.solvers.closure import ClosureSolver, IterationCallback, Objective, Outcome, Scalar, Vector
+from descend.solvers.linesearch import iterate
+from descend.state import StateSpec
+from descend.validation import check_int
 
 __all__ = ["LBFGS", "lbfgs"]
 
@@ -126,7 +128,7 @@ def lbfgs(objective: Objective, state: dict[str, Any], *, lr: float, max_iter: i
           name: str = "LBFGS") -> tuple[dict[str, Any], Outcome]:
     """Functional L-BFGS: up to ``max_iter`` iterations on ``objective``, from ``state``.
 
-    ``state`` is not modified; the new state is returned with the :class:`~descend.closure.Outcome`.
+    ``state`` is not modified; the new state is returned with the :class:`~descend.solvers.closure.Outcome`.
     Its keys are those of ``torch.optim.LBFGS`` (vectors as lists of pieces): ``func_evals``,
     ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``,
     ``prev_loss``; and ``restart`` after a failure on non-finite values.
@@ -153,7 +155,7 @@ class LBFGS(ClosureSolver):
         decay: ``"coupled"`` only (weight decay is part of the objective).
         maximize: maximize the closure's loss instead of minimizing it.
         nonfinite: ``"ignore"`` (default), ``"skip"`` or ``"raise"`` for a non-finite gradient at
-            the step's starting point (see :class:`~descend.closure.ClosureSolver`).
+            the step's starting point (see :class:`~descend.solvers.closure.ClosureSolver`).
         process_group: DDP: None (default, no reduction), True or ``"default"`` (the default
             group) or a process group: the closure's loss is averaged over it, so the ranks take
             the same decisions. DTensor (FSDP2) parameters need nothing: the loss is averaged
@@ -162,13 +164,13 @@ class LBFGS(ClosureSolver):
     ``step(closure)`` needs a closure that clears the gradients, computes the loss, calls
     ``backward()`` and returns the loss; it returns the loss of its first evaluation. The
     algorithm, and how it relates to ``torch.optim.LBFGS``, is in the docstring of
-    :mod:`descend.lbfgs`.
+    :mod:`descend.solvers.lbfgs`.
     """
 
     _shared = ClosureSolver._shared + ("history_size",)
     _vector_keys = ("d", "prev_flat_grad")
     _history_keys = ("old_dirs", "old_stps")
-    _state_keys = ("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
+    state_spec = StateSpec.untyped("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
                    "prev_loss", "restart")
     _group_keys = ("history_size", "max_iter", "line_search_fn")
 
@@ -184,7 +186,7 @@ class LBFGS(ClosureSolver):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_int("history_size", group["history_size"], 1)
+        check_int("history_size", group["history_size"], 1)
 
     def _solve(self, objective: Objective, state: dict[str, Any], settings: dict[str, Any],
                callback: Callable[..., Any] | None) -> tuple[dict[str, Any], Outcome]:

@@ -1,0 +1,70 @@
+"""Facts about tensors that the step, the non-finite guard and the solvers share: DTensors
+(FSDP2's parameters) told apart without importing torch.distributed, finiteness over all
+shards, and torch's grouping of tensor lists by device and dtype."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_dtensor", "all_finite", "norm_dtype", "IS_CPU", "DTYPE", "SHAPE",
+           "grouped_by_device_and_dtype", "by_device_and_dtype", "device_types_and_dtypes"]
+
+IS_CPU = operator.attrgetter("is_cpu")
+DTYPE = operator.attrgetter("dtype")
+SHAPE = operator.attrgetter("shape")
+_DEVICE_AND_DTYPE = operator.attrgetter("device", "dtype")
+
+
+def is_dtensor(t: Any) -> bool:
+    """A torch.distributed DTensor (FSDP2's parameters and gradients), without importing it."""
+    return _is_dtensor_type(type(t))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _is_dtensor_type(cls: type) -> bool:  # cached: the guard asks once per gradient per step
+    return any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in cls.__mro__)
+
+
+def norm_dtype(t: Tensor) -> torch.dtype | None:
+    """float32 accumulation and result for 16-bit floats, whose own range a norm overflows."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+
+
+def all_finite(t: Tensor) -> bool:
+    """Every entry is finite; for a DTensor, over all ranks' shards (its own answer covers
+    only the local shard, and ranks must take the same decision)."""
+    flag = torch.isfinite(t).all()
+    full = getattr(flag, "full_tensor", None)
+    return bool(full() if full is not None else flag)
+
+
+def grouped_by_device_and_dtype(lists: list[list[Any]]) -> list[tuple[list[list[Any]], list[int]]]:
+    """torch's grouping of parallel tensor lists by (device, dtype) of the first list, as
+    plain lists, with the indices of each bucket's entries in the input lists."""
+    first = lists[0]
+    if first and all(map(IS_CPU, first)) and len(set(map(DTYPE, first))) == 1:
+        # one bucket, as torch's grouping (which looks at the first list only) would make;
+        # torch's C grouping walks every tensor of every list; the two maps here read the first list only
+        return [([list(t) for t in lists], list(range(len(first))))]
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
+    return [([list(t) for t in tensors], list(indices)) for tensors, indices in grouped.values()]
+
+
+def by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())
+
+
+def device_types_and_dtypes(params: list[Tensor]) -> set[tuple[str, torch.dtype]]:
+    """The (device type, dtype) pairs among ``params`` (``.device`` builds an object: skip it on CPU)."""
+    if all(map(IS_CPU, params)):
+        return {("cpu", t) for t in set(map(DTYPE, params))}
+    return {(d.type, t) for d, t in map(_DEVICE_AND_DTYPE, params)}
