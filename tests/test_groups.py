@@ -80,6 +80,88 @@ def test_compiled_model_gives_the_same_names() -> None:
     assert _names(descend.param_groups(compiled, 0.1)) == _names(descend.param_groups(model, 0.1))
 
 
+class Wrapper(nn.Module):
+    """DDP-like: the model under ``.module``, so every name gains the prefix ``module.``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_patterns_match_names_with_and_without_wrapper_prefixes() -> None:
+    model = Net()
+    wrapped = Wrapper(model)
+    assert next(n for n, _ in wrapped.named_parameters()).startswith("module.")
+    for pattern in ("*.fc.*", "module.fc.weight", "fc.*"):  # the DDP spelling and the plain one
+        decayed, kept = _names(descend.param_groups(wrapped, 0.1, no_decay=[pattern]))
+        assert decayed == {"conv.weight", "cls_token"} and "fc.weight" in kept, pattern
+    # the plain model has no prefix: "*.fc.*" (which needs a dot before fc) does not match fc.weight there
+    decayed, _ = _names(descend.param_groups(model, 0.1, no_decay=["*.fc.*"]))
+    assert decayed == {"conv.weight", "fc.weight", "cls_token"}
+    decayed, _ = _names(descend.param_groups(model, 0.1, no_decay=["fc.*"]))
+    assert decayed == {"conv.weight", "cls_token"}
+    # a callable still sees the plain name
+    seen: list[str] = []
+    descend.param_groups(wrapped, 0.1, no_decay=lambda name, p: seen.append(name) or False)
+    assert "fc.weight" in seen and not any(n.startswith("module.") for n in seen)
+
+
+def test_patterns_match_compiled_names() -> None:
+    compiled = torch.compile(Net())  # names gain _orig_mod.
+    for pattern in ("_orig_mod.fc.weight", "*.fc.weight", "fc.weight"):
+        decayed, kept = _names(descend.param_groups(compiled, 0.1, no_decay=[pattern]))
+        assert decayed == {"conv.weight", "cls_token"} and "fc.weight" in kept, pattern
+
+
+class Block(nn.Module):
+    def __init__(self, skip: set[str] | None = None, keywords: set[str] | None = None) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(4, 8))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(3, 2))
+        self.fc = nn.Linear(8, 8)
+        self.skip, self.keywords = skip, keywords
+
+    def no_weight_decay(self) -> set[str]:
+        return self.skip or set()
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return self.keywords or set()
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(4, 8))  # same name as the block's, not excluded by the block
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(3, 2))
+        self.blocks = nn.ModuleList([Block(skip={"pos_embed"}), Block(keywords={"relative_position"})])
+        self.out = Block()
+
+
+def test_no_weight_decay_of_every_submodule_with_its_path() -> None:
+    decayed, kept = _names(descend.param_groups(Encoder(), 0.1))
+    assert kept == {"blocks.0.pos_embed", "blocks.1.relative_position_bias_table",
+                    "blocks.0.fc.bias", "blocks.1.fc.bias", "out.fc.bias"}
+    assert decayed == {"pos_embed", "relative_position_bias_table", "blocks.0.relative_position_bias_table",
+                       "blocks.1.pos_embed", "out.pos_embed", "out.relative_position_bias_table",
+                       "blocks.0.fc.weight", "blocks.1.fc.weight", "out.fc.weight"}
+
+
+def test_no_weight_decay_keywords_are_substrings_of_names_below_the_module() -> None:
+    model = Encoder()
+    model.no_weight_decay_keywords = lambda: {"position_bias", "fc.w"}  # type: ignore[method-assign]
+    decayed, kept = _names(descend.param_groups(model, 0.1))
+    assert {"relative_position_bias_table", "blocks.0.relative_position_bias_table",
+            "out.relative_position_bias_table", "blocks.0.fc.weight", "out.fc.weight"} <= kept
+    assert decayed == {"pos_embed", "blocks.1.pos_embed", "out.pos_embed"}
+
+
+def test_hooks_are_honoured_under_wrappers() -> None:
+    plain = _names(descend.param_groups(Encoder(), 0.1))
+    assert _names(descend.param_groups(Wrapper(Encoder()), 0.1)) == plain
+    assert _names(descend.param_groups(torch.compile(Encoder()), 0.1)) == plain
+    assert _names(descend.param_groups(Wrapper(torch.compile(Encoder())), 0.1)) == plain
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +176,10 @@ def test_ddp_wrapped_model_gives_the_same_names() -> None:
         model = Net()
         ddp = nn.parallel.DistributedDataParallel(model)
         assert _names(descend.param_groups(ddp, 0.1)) == _names(descend.param_groups(model, 0.1))
+        decayed, kept = _names(descend.param_groups(ddp, 0.1, no_decay=["*.fc.*"]))  # module.fc.weight
+        assert decayed == {"conv.weight", "cls_token"} and "fc.weight" in kept
+        assert _names(descend.param_groups(nn.parallel.DistributedDataParallel(Encoder()), 0.1)) == _names(
+            descend.param_groups(Encoder(), 0.1))
     finally:
         dist.destroy_process_group()
 

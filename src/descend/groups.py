@@ -7,10 +7,15 @@ tensor to the optimizer with the same ``weight_decay``. :func:`param_groups` spl
 
 - excluded by default: parameters with ``ndim <= 1`` (biases, norm scales), every parameter
   of a normalization layer or of ``nn.Embedding`` / ``nn.EmbeddingBag`` (their weights are
-  2-D, so the ndim rule alone would miss them), and the names the model's
-  ``no_weight_decay()`` returns (timm's convention);
-- ``no_decay``: name patterns (``fnmatch``) added to that rule, or a callable
-  ``(name, param) -> bool`` that replaces it;
+  2-D, so the ndim rule alone would miss them), and timm's two conventions, honoured on the
+  model and on every submodule: the names (or ``fnmatch`` patterns) its ``no_weight_decay()``
+  returns and the parameters whose names contain one of the substrings its
+  ``no_weight_decay_keywords()`` returns, both relative to that submodule (``encoder``'s
+  ``{"pos_embed"}`` excludes ``encoder.pos_embed``);
+- ``no_decay``: name patterns (``fnmatch``) added to that rule, each matched against the name
+  both with and without wrapper prefixes (so ``"*.fc.*"`` written for the DDP name
+  ``module.fc.weight`` and ``"fc.*"`` written for the plain one both match), or a callable
+  ``(name, param) -> bool`` that replaces the rule and sees the plain name;
 - frozen parameters (``requires_grad=False``) are left out, tied parameters appear once,
   and the names are those of the model itself, with the ``module.`` of DDP and the
   ``_orig_mod.`` of ``torch.compile`` removed.
@@ -60,11 +65,33 @@ def canonical_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in patterns)
+def _matches(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in patterns for name in names)
 
 
-def _default_no_decay(model: nn.Module, patterns: Iterable[str]) -> Callable[[str, torch.Tensor], bool]:
+def _strip_leading_wrappers(name: str) -> str:
+    while True:
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        else:
+            return name
+
+
+def _spellings(raw_name: str) -> tuple[str, ...]:
+    """A parameter's name without any wrapper prefix (:func:`canonical_name`, first), as the
+    wrapped model spells it, and without the leading prefixes only (the unwrapped model's name)."""
+    return tuple(dict.fromkeys((canonical_name(raw_name), raw_name, _strip_leading_wrappers(raw_name))))
+
+
+def _hook_names(module: nn.Module, hook: str) -> list[str]:
+    method = getattr(module, hook, None)
+    return [str(n) for n in method()] if callable(method) else []
+
+
+def _default_no_decay(model: nn.Module, patterns: Iterable[str]) -> Callable[[tuple[str, ...], torch.Tensor], bool]:
+    """The default rule over a parameter's spellings (:func:`_spellings`); ``model`` is unwrapped."""
     excluded_ids = {
         id(p)
         for module in model.modules()
@@ -72,12 +99,18 @@ def _default_no_decay(model: nn.Module, patterns: Iterable[str]) -> Callable[[st
         for p in module.parameters(recurse=False)
     }
     names = list(patterns)
-    hook = getattr(model, "no_weight_decay", None)
-    if callable(hook):
-        names.extend(str(n) for n in hook())
+    hooked: list[str] = []  # no_weight_decay() of every submodule, as full (canonical) name patterns
+    keywords: list[tuple[str, str]] = []  # (submodule prefix, substring) of no_weight_decay_keywords()
+    for path, module in model.named_modules():
+        prefix = f"{canonical_name(path)}." if canonical_name(path) else ""
+        hooked += [prefix + n for n in _hook_names(module, "no_weight_decay")]
+        keywords += [(prefix, k) for k in _hook_names(module, "no_weight_decay_keywords")]
 
-    def rule(name: str, param: torch.Tensor) -> bool:
-        return param.ndim <= 1 or id(param) in excluded_ids or _matches(name, names)
+    def rule(spellings: tuple[str, ...], param: torch.Tensor) -> bool:
+        name = spellings[0]  # the canonical name
+        return (param.ndim <= 1 or id(param) in excluded_ids or _matches(spellings, names)
+                or _matches((name,), hooked)
+                or any(name.startswith(prefix) and k in name[len(prefix):] for prefix, k in keywords))
 
     return rule
 
@@ -96,8 +129,10 @@ def param_groups(
         model: the model (DDP- and ``torch.compile``-wrapped models are unwrapped).
         weight_decay: λ for the decayed group; the other group gets 0.
         l1: λ₁ for the decayed group; the other group gets 0.
-        no_decay: extra name patterns to exclude (``fnmatch``, e.g. ``"*.pos_embed"``), or
-            a callable ``(name, param) -> bool`` that replaces the default rule.
+        no_decay: extra name patterns to exclude (``fnmatch``, e.g. ``"*.pos_embed"``), matched
+            against the name with and without wrapper prefixes (``module.fc.weight`` and
+            ``fc.weight``), or a callable ``(name, param) -> bool`` that replaces the default
+            rule and is given the name without prefixes.
         **group_options: other options set on both groups (``lr``, ``decay``, …).
 
     Returns:
@@ -108,19 +143,22 @@ def param_groups(
 
         opt = descend.AdamW(descend.param_groups(model, weight_decay=0.05), lr=3e-4)
     """
-    inner = unwrap(model)
+    rule: Callable[[tuple[str, ...], torch.Tensor], bool]
     if callable(no_decay):
-        rule = no_decay
+        replaced = no_decay
+        rule = lambda spellings, param: bool(replaced(spellings[0], param))  # noqa: E731 - the plain name
     else:
         patterns = [no_decay] if isinstance(no_decay, str) else list(no_decay or [])
-        rule = _default_no_decay(inner, patterns)
+        rule = _default_no_decay(unwrap(model), patterns)
     decayed: list[tuple[str, nn.Parameter]] = []
     kept: list[tuple[str, nn.Parameter]] = []
-    for raw_name, param in inner.named_parameters():  # tied parameters are reported once
+    # the wrapped model's names (module.fc.weight), for the patterns; tied parameters are reported once
+    for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = canonical_name(raw_name)
-        (kept if rule(name, param) else decayed).append((name, param))
+        spellings = _spellings(raw_name)
+        name = spellings[0]
+        (kept if rule(spellings, param) else decayed).append((name, param))
     groups = []
     if decayed:
         groups.append({"params": decayed, "weight_decay": weight_decay, "l1": l1, **group_options})

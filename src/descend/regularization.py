@@ -40,6 +40,7 @@ kernels serve all three modes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,61 @@ def torch_decoupled_coefficient(
     if lr_value == 0 or not math.isfinite(scaled / lr_value):
         return None
     return scaled / lr_value
+
+
+#: the per-step shrink above which a setting warns: 1% of every weight at every step
+IMPLAUSIBLE_SHRINK = 0.01
+
+
+def check_factor(group: dict[str, Any], *, base_lr: float) -> None:
+    """Raise ValueError if a decoupled mode would multiply θ by a factor ≤ 0 at the group's
+    current lr (lr·λ ≥ 1, or a schedule that raised lr/lr₀ far enough): θ would flip sign or
+    vanish. Checked at construction and before every step, so a step that would do it
+    changes nothing."""
+    decay, wd = group["decay"], group["weight_decay"]
+    if decay == "coupled" or wd == 0:
+        return
+    factor = _scalar(decay_factor(decay, group["lr"], base_lr, wd))
+    if factor <= 0:
+        raise invalid("weight_decay", wd,
+                      f"a λ whose factor 1 − s·λ stays above 0: with decay={decay!r}, lr={_scalar(group['lr']):g} "
+                      f"and lr₀={base_lr:g} θ would be multiplied by {factor:g}; nothing was changed")
+
+
+def warn_if_implausible(group: dict[str, Any], label: str) -> None:
+    """One UserWarning for a decoupled setting that shrinks the weights by more than 1% per
+    step at the group's lr: it names the group, the factor and the timescale (steps in which
+    decay alone shrinks θ by e), and for "independent" the λ of torch's AdamW it amounts to."""
+    decay, wd, lr, base_lr = group["decay"], group["weight_decay"], _scalar(group["lr"]), group["base_lr"]
+    if decay == "coupled" or wd == 0:
+        return
+    from descend.timescale import timescale_of_factor  # (it imports this module)
+
+    factor = decay_factor(decay, lr, base_lr, wd)
+    if 1 - factor <= IMPLAUSIBLE_SHRINK:
+        return
+    message = (f"{label}: decay={decay!r} with weight_decay={wd:g} multiplies the weights by {factor:.4g} at every "
+               f"step at lr={lr:g} (timescale {timescale_of_factor(factor):.3g} steps)")
+    if decay == "independent" and base_lr > 0:
+        message += (f"; 'independent' takes the AdamW paper's λ, per step at lr₀: this is torch's AdamW with "
+                    f"weight_decay={wd / base_lr:.4g}, and torch's weight_decay={wd:g} is weight_decay={wd * base_lr:.3g}"
+                    f" here")
+    warnings.warn(message + ". Pass warn=False to the optimizer to silence this.", UserWarning,
+                  stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside descend and torch.optim: the user's line that
+    built the optimizer or added the group, however deep the constructors are."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "descend" or name.startswith(("descend.", "torch.optim", "torch.utils"))):
+            return level
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
 
 
 # --- the plan of one step, and where the pipeline applies it -------------------------
