@@ -337,3 +337,66 @@ def test_fixed_steps_without_line_search_converge_on_a_quadratic():
     np.testing.assert_allclose(x.numpy(), x_star, atol=1e-9)
     state = opt.state[next(iter(opt.state))]
     assert state["restarts"] == state["n_iter"] - 1
+
+
+# --- groups without parameters ----------------------------------------------------------------
+
+EMPTY_ALLOWED = r"\(allowed: at least one parameter: ConjugateGradient runs one solver over the parameters of all"
+
+
+@pytest.mark.parametrize("groups, shown", [
+    ([], r"\[\]"),
+    (iter([]), r"\[\]"),
+    ([{"params": []}], r"\[\[\]\]"),
+    ([{"params": []}, {"params": [], "weight_decay": 0.1}], r"\[\[\], \[\]\]"),
+])
+def test_empty_set_of_groups_is_refused_at_construction(groups, shown):
+    with pytest.raises(ValueError, match=r"^Invalid params: " + shown + " " + EMPTY_ALLOWED):
+        descend.ConjugateGradient(groups)
+
+
+def _linear_run(with_empty):
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
+    model = nn.Linear(4, 1).double()
+    groups = [{"params": [model.weight], "weight_decay": 0.5}, {"params": [model.bias]}]
+    if with_empty:
+        groups = [{"params": [], "weight_decay": 2.0}, groups[0], {"params": []}, groups[1]]
+    opt = descend.ConjugateGradient(groups, max_iter=4, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure).item() for _ in range(3)]
+    return model, opt, losses
+
+
+def test_empty_groups_beside_others_are_accepted_and_change_nothing():
+    model_a, opt_a, losses_a = _linear_run(False)
+    model_b, opt_b, losses_b = _linear_run(True)
+    assert losses_a == losses_b
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sorted(sa) == sorted(sb) and sa
+        for key in sa:
+            a, b = sa[key], sb[key]
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_empty_group_added_with_add_param_group():
+    model, opt, _ = _linear_run(False)
+    opt.add_param_group({"params": []})  # beside parameters: accepted
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1, 0]
+    before = [p.detach().clone() for p in model.parameters()]
+    for group in opt.param_groups:  # emptied by hand
+        group["params"] = []
+    with pytest.raises(ValueError, match=r"^Invalid params: \[\[\], \[\], \[\], \[\]\] " + EMPTY_ALLOWED):
+        opt.add_param_group({"params": []})
+    assert len(opt.param_groups) == 3
+    with pytest.raises(ValueError, match=r"^Invalid params: \[\[\], \[\], \[\]\] " + EMPTY_ALLOWED):
+        opt.step(lambda: torch.zeros(()))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -147,3 +147,118 @@ def test_bench_is_registered_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 def test_console_script_is_declared() -> None:
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("descend") == "descend.cli:main"
+
+
+# --- every numeric option is a usage error; outputs are checked before any work --------------
+
+SEED_RANGE = "a seed must be an integer in [-2**63, 2**64 - 1] (torch.manual_seed's range)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--triad-mb", "0"], "argument --triad-mb: must be an integer in [1, 1048576], got 0"),
+    (["bench", "--triad-mb", "-1"], "argument --triad-mb: must be an integer in [1, 1048576], got -1"),
+    (["bench", "--triad-mb", "1" * 23], "argument --triad-mb: must be an integer in [1, 1048576]"),
+    (["bench", "--triad-mb", "1.5"], "argument --triad-mb: invalid integer: '1.5'"),
+    (["bench", "--seed", "1" * 23], f"argument --seed: {SEED_RANGE}, got {'1' * 23}"),
+    (["bench", "--seed", "x"], "argument --seed: invalid seed: 'x'"),
+    (["demo", "--seed", "1" * 23], f"argument --seed: {SEED_RANGE}, got {'1' * 23}"),
+    (["demo", "--seed", str(-(2**63) - 1)], f"argument --seed: {SEED_RANGE}"),
+    (["demo", "--epochs", "-3"], "argument --epochs: must be a positive integer, got -3"),
+    (["sweep", "--seed", str(2**64)], f"argument --seed: {SEED_RANGE}, got {2**64}"),
+    (["bench", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["bench", "--steps", "two"], "argument --steps: invalid positive integer: 'two'"),
+    (["bench", "--warmup", "0"], "argument --warmup: must be a positive integer, got 0"),
+    (["bench", "--threads", "0"], "argument --threads: must be an integer in [1, 1024], got 0"),
+    (["bench", "--threads", "1" * 23], "argument --threads: must be an integer in [1, 1024]"),
+    (["bench", "--min-seconds", "-1"], "argument --min-seconds: must be a finite number >= 0, got -1"),
+    (["bench", "--min-seconds", "nan"], "argument --min-seconds: must be a finite number >= 0, got nan"),
+    (["bench", "--min-seconds", "inf"], "argument --min-seconds: must be a finite number >= 0, got inf"),
+    (["bench", "--min-seconds", "soon"], "argument --min-seconds: invalid number: 'soon'"),
+    (["bench", "--sets", "resnet50,nope"], "argument --sets: Invalid --sets: 'resnet50,nope'"),
+    (["bench", "--optimizers", ","], "argument --optimizers: Invalid --optimizers: ','"),
+])
+def test_numeric_options_are_usage_errors_before_any_work(argv: list[str], message: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from descend.cli import bench, demo, sweep
+
+    for module in (bench, demo, sweep):
+        monkeypatch.setattr(module, "run", lambda args: pytest.fail("the command ran"))
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert f"usage: descend {argv[0]}" in err and f"descend {argv[0]}: error: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_the_ends_of_each_range_are_accepted() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--triad-mb", "1", "--threads", "1024", "--seed", str(2**64 - 1),
+                              "--min-seconds", "0", "--steps", "1", "--warmup", "1"])
+    assert (args.triad_mb, args.threads, args.seed, args.min_seconds, args.steps, args.warmup) == (1, 1024, 2**64 - 1,
+                                                                                                 0.0, 1, 1)
+    assert parser.parse_args(["demo", "--seed", str(-(2**63))]).seed == -(2**63)
+    assert parser.parse_args(["sweep", "--n-lr", "1000", "--seed", "-1"]).n_lr == 1000
+
+
+def _no_bench_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from descend.cli import bench
+
+    monkeypatch.setattr(bench, "Triad", lambda mb: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(bench, "_run", lambda *a: pytest.fail("the benchmark started"))
+
+
+@pytest.mark.parametrize("where", ["missing directory", "under a file", "a directory"])
+def test_bench_json_that_cannot_be_written_is_one_line_exit_1_before_any_work(
+        where: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from descend.cli import bench
+
+    _no_bench_work(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    path = {"missing directory": tmp_path / "nope" / "out.json", "under a file": tmp_path / "a-file" / "out.json",
+            "a directory": tmp_path / "a-dir"}[where]
+    expected = (f"cannot write {str(path)!r}: it is a directory" if where == "a directory" else
+                f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    assert cli.main(["bench", "--quick", "--json", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"descend bench: error: {expected}"]
+    # and the same through python benchmarks/step_speed.py (bench.main)
+    assert bench.main(["--quick", "--json", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"descend bench: error: {expected}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
+    assert list((tmp_path / "a-dir").iterdir()) == []
+
+
+def test_bench_triad_larger_than_memory_is_one_line_exit_1_before_any_work(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from descend.cli import bench
+
+    _no_bench_work(monkeypatch)
+    monkeypatch.setattr(bench, "_physical_memory", lambda: 3 * 2**30)
+    assert cli.main(["bench", "--triad-mb", "1025"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "descend bench: error: --triad-mb 1025: the triad's three arrays of 1025 MiB do not fit in this machine's "
+        "3.0 GiB of memory"]
+
+
+def test_bench_usage_errors_are_return_codes_of_bench_main(capsys: pytest.CaptureFixture[str]) -> None:
+    from descend.cli import bench
+
+    assert bench.main(["--triad-mb", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: descend bench" in err and "argument --triad-mb: must be an integer in [1, 1048576], got 0" in err
+
+
+def test_bench_writes_its_json_through_the_command_line(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from descend.cli import bench
+
+    monkeypatch.setattr(bench, "param_shapes", lambda name, quick=False: ("tiny", [(30,), (4, 5)]))
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--sets", "many-small", "--optimizers", "sgd", "--steps", "1", "--warmup", "1",
+                     "--triad-mb", "1", "--threads", "1", "--min-seconds", "0", "--no-modes", "--no-memory",
+                     "--seed", str(2**64 - 1), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["args"]["triad_mb"] == 1 and doc["args"]["seed"] == 2**64 - 1
+    assert not [k for k in doc["args"] if k.startswith("_")]  # the parser's own entries stay out
+    assert {r["label"] for r in doc["rows"]} >= {"torch fused", "descend (default)"}
+    assert "| tiny | SGD |" in capsys.readouterr().out

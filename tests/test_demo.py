@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 
 import descend
 from descend import cli
-from descend.cli import demo
+from descend.cli import demo, digits
 
 SAME = 1e-10
 DIFFERENT = 1e-3
@@ -167,3 +168,50 @@ def test_ctrl_c_keeps_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert set(_weights(tmp_path)) == {"sgdm", "sgd-wd"}
     assert (tmp_path / "demo.png").exists()
     assert "interrupted" in capsys.readouterr().err
+
+
+# --- options and outputs checked before the work ---------------------------------------------
+
+
+@pytest.mark.parametrize("taken", list(demo.OUTPUTS))
+def test_an_output_name_taken_by_a_directory_is_one_line_exit_1_before_any_work(
+        taken: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / taken).mkdir()
+    monkeypatch.setattr(demo.digits, "load_digits", lambda *a, **k: pytest.fail("the demo started"))
+    assert cli.main(["demo", "--epochs", "1", "--only", "sgd-wd", "--out", str(tmp_path), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"descend demo: error: cannot write {str(tmp_path / taken)!r}: "
+                                         "it is a directory"]
+    assert captured.out == "" and sorted(os.listdir(tmp_path)) == [taken]
+
+
+@pytest.mark.parametrize("value", ["1" * 23, str(2**64), str(-(2**63) - 1)])
+def test_a_seed_torch_cannot_take_is_a_usage_error(value: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # before: the demo trained nothing and died in torch.manual_seed with a traceback
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--seed", value, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: descend demo" in err and "Traceback" not in err
+    assert (f"descend demo: error: argument --seed: a seed must be an integer in [-2**63, 2**64 - 1] "
+            f"(torch.manual_seed's range), got {value}") in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 2**64 - 1])
+def test_every_seed_the_option_takes_trains(seed: int) -> None:
+    """The ends of the range: the model's seed and the minibatch order's (seed + 1, modulo 2**64 as
+    torch takes seeds) are both valid."""
+    args = cli.build_parser().parse_args(["demo", "--seed", str(seed)])
+    assert args.seed == seed
+    torch.manual_seed(0)
+    data = digits.Digits(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 10,
+                         torch.randn(4, 5, dtype=torch.float64), torch.arange(4))
+    model = digits.make_mlp(data, 3, seed)
+    history = digits.train_minibatch(model, descend.SGD(model.parameters(), lr=0.1), data, epochs=1, batch_size=5,
+                                     seed=seed)
+    assert history.steps == 3 and math.isfinite(history.snapshots[-1].train_loss)
+    again = digits.make_mlp(data, 3, seed)
+    digits.train_minibatch(again, descend.SGD(again.parameters(), lr=0.1), data, epochs=1, batch_size=5, seed=seed)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))

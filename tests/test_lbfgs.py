@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import warnings
 
 import numpy as np
@@ -493,3 +494,89 @@ def test_process_group_option_is_checked(cls):
         with pytest.raises(ValueError, match="process_group=True needs an initialized default process group"):
             cls([p], process_group=True)
     assert cls([p], process_group=None)._loss_groups == []
+
+
+# --- groups without parameters ----------------------------------------------------------------
+
+EMPTY_ALLOWED = r"\(allowed: at least one parameter: LBFGS runs one solver over the parameters of all groups"
+
+
+@pytest.mark.parametrize("groups, shown", [
+    ([], "[]"),
+    (iter([]), "[]"),  # an exhausted generator, as model.parameters() of a model without any
+    ([{"params": []}], "[[]]"),
+    ([{"params": []}, {"params": [], "weight_decay": 0.1}], "[[], []]"),
+])
+def test_empty_set_of_groups_is_refused_at_construction(groups, shown):
+    # torch.optim.LBFGS takes [{"params": []}] and fails at the first step with an IndexError
+    with pytest.raises(ValueError, match=r"^Invalid params: " + re.escape(shown) + " " + EMPTY_ALLOWED):
+        descend.LBFGS(groups, line_search_fn="strong_wolfe")
+
+
+def _empty_groups_run(groups_of, steps=3):
+    """LBFGS over the mlp's weights (decayed) and biases, with the groups ``groups_of`` makes of them."""
+    model, x, y = mlp()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = descend.LBFGS(groups_of(weights, biases), line_search_fn="strong_wolfe", max_iter=5, history_size=3)
+    closure = Counter(opt, model, x, y)
+    losses = [opt.step(closure).item() for _ in range(steps)]
+    return model, opt, losses, closure.calls
+
+
+def _state_tensors(opt, model):
+    """Every state tensor, by parameter and key, in a fixed order (history lists flattened)."""
+    out = []
+    for p in model.parameters():
+        for key, value in sorted(opt.state[p].items()):
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                out.append((key, i, v))
+    return out
+
+
+@pytest.mark.parametrize("where", ["first", "between", "last", "two"])
+def test_empty_group_beside_others_is_accepted_and_changes_nothing(where):
+    """torch.optim.LBFGS refuses any second group, so it has no rule here; like every other torch
+    optimizer, descend accepts a group without parameters beside others (descend.param_groups
+    of a model without biases, say). The run is bit for bit the run without it."""
+    def plain(w, b):
+        return [{"params": w, "weight_decay": 0.2}, {"params": b}]
+
+    def with_empty(w, b):
+        groups, empty = plain(w, b), {"params": [], "weight_decay": 0.7}
+        return {"first": [empty, *groups], "between": [groups[0], empty, groups[1]], "last": [*groups, empty],
+                "two": [empty, groups[0], dict(empty), groups[1]]}[where]
+
+    model_a, opt_a, losses_a, calls_a = _empty_groups_run(plain)
+    model_b, opt_b, losses_b, calls_b = _empty_groups_run(with_empty)
+    assert losses_a == losses_b and calls_a == calls_b
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    state_a, state_b = _state_tensors(opt_a, model_a), _state_tensors(opt_b, model_b)
+    assert len(state_a) == len(state_b) > 0
+    for (ka, ia, a), (kb, ib, b) in zip(state_a, state_b, strict=True):
+        assert (ka, ia) == (kb, ib)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    # and it saves and loads like any other group
+    loaded = descend.LBFGS(with_empty(*[[p for n, p in model_b.named_parameters() if n.endswith(s)]
+                                        for s in ("weight", "bias")]), line_search_fn="strong_wolfe", max_iter=5,
+                           history_size=3)
+    loaded.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+    assert [len(g["params"]) for g in loaded.param_groups] == [len(g["params"]) for g in opt_b.param_groups]
+
+
+def test_empty_group_added_with_add_param_group():
+    model, opt, _, _ = _empty_groups_run(lambda w, b: [{"params": w + b}], steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.add_param_group({"params": [], "weight_decay": 0.5})  # accepted beside the parameters there
+    assert [len(g["params"]) for g in opt.param_groups] == [4, 0]
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    # groups emptied by hand: a new empty group is refused (and not added), and so is a step
+    opt.param_groups[0]["params"] = []
+    with pytest.raises(ValueError, match=r"^Invalid params: \[\[\], \[\], \[\]\] " + EMPTY_ALLOWED):
+        opt.add_param_group({"params": []})
+    assert len(opt.param_groups) == 2
+    with pytest.raises(ValueError, match=r"^Invalid params: \[\[\], \[\]\] " + EMPTY_ALLOWED):
+        opt.step(lambda: torch.zeros(()))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -621,7 +621,8 @@ def test_random_call_sequences_never_leave_the_optimizer_inconsistent(kind: str,
     torch.save(subject.opt.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    fresh = Twin(kind, subject.impl, dict(subject.options), [])
+    # (built over copies of the shapes: a closure solver without parameters is refused)
+    fresh = Twin(kind, subject.impl, dict(subject.options), [tuple(p.shape) for p in subject.params])
     fresh.params = [p.detach().clone().requires_grad_() for p in subject.params]
     index = {id(p): i for i, p in enumerate(subject.params)}
     groups = [{**{k: v for k, v in g.items() if k not in ("params", "base_lr", "initial_lr")},

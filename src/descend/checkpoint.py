@@ -82,7 +82,7 @@ def aligned_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
             if not isinstance(entry, dict):
                 raise ValueError(f"the state of parameter {label} is a {type(entry).__name__}, not a dict")
             if spec is not None and entry:
-                spec.check_loaded(param, entry, label, kind)
+                spec.check_loaded(param, entry, label, kind, {**optimizer.defaults, **saved})
     out = dict(state_dict)
     out["param_groups"] = saved_groups
     return out

@@ -324,6 +324,7 @@ class FlatStorage:
                         raise RuntimeError(
                             f"{type(opt).__name__} does not support sparse gradients "
                             f"({opt._describe_param(p)} has one); nothing was changed")
+                    opt._check_grads([p], [g])  # a copy into the buffer would broadcast or cast
                     adopt.append((p, g, view))
                 plans.append((batch, seg, present))
         if adopt:

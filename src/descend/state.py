@@ -228,16 +228,21 @@ class StateSpec:
                     return False
         return True
 
-    def check_loaded(self, param: Tensor, state: dict[str, Any], label: str, kind: str) -> None:
+    def check_loaded(self, param: Tensor, state: dict[str, Any], label: str, kind: str,
+                     group: dict[str, Any] | None = None) -> None:
         """Raise ValueError if a saved ``state`` cannot be ``param``'s: entries this rule does not
-        keep, then each entry's type, shape and dtype, then its values (finite scalars;
-        no element below the entry's ``low``). Reads the values: done at load, never per step."""
+        keep (or not for this parameter, such as a row factor of a vector), then each entry's
+        type, shape and dtype, then its values (finite scalars; no element below the entry's
+        ``low``). Reads the values: done at load, never per step."""
         foreign = sorted(set(state) - set(self.by_name))
         if foreign:
             raise ValueError(f"the state of parameter {label} holds {foreign}, which {kind} does not keep: "
                              f"was it saved by another kind of optimizer?")
         for key, value in state.items():
             entry = self.by_name[key]
+            if group is not None and entry.required and not entry.when(param, group):
+                raise ValueError(f"state {key!r} of parameter {label} is not kept for a parameter of shape "
+                                 f"{tuple(param.shape)} by {kind}")
             if entry.shape is SCALAR and isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = torch.tensor(float(value))  # torch < 1.12 saved counts as numbers; torch converts them
             why = entry.misfit(param, value)

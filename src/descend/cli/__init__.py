@@ -2,7 +2,10 @@
 where that module is installed).
 
 Each subcommand lives in its own module, which exposes ``HELP`` (one line, optional),
-``add_arguments(parser)`` and ``run(args) -> int``; this module only wires them together.
+``add_arguments(parser)``, ``check_args(args)`` (optional: checks that involve several options,
+raising ``argparse.ArgumentTypeError``, reported as a usage error) and ``run(args) -> int``;
+this module only wires them together. The argparse types of the options and the checks of
+output paths are shared, in :mod:`descend.cli.options`.
 The command line stands on the public API; the demo's own dependencies (scikit-learn,
 matplotlib, tqdm: the ``descend[demo]`` extra) are imported when a command runs, never by
 ``import descend``.
@@ -20,7 +23,7 @@ import sys
 from types import ModuleType
 
 import descend
-from descend.cli.digits import CommandError
+from descend.cli.options import CommandError
 
 #: subcommand → module; a module that fails to import (``bench`` lives elsewhere) is left out.
 SUBCOMMANDS = {"demo": "descend.cli.demo", "sweep": "descend.cli.sweep", "bench": "descend.cli.bench"}
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=summary, description=doc or summary,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _check=getattr(module, "check_args", None), _parser=sub)
     return parser
 
 
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with code 2 and a usage message on bad input
+    if args._check is not None:  # what depends on several options: a usage error too
+        try:
+            args._check(args)
+        except argparse.ArgumentTypeError as e:
+            args._parser.error(str(e))
     args.argv = argv
     try:
         return int(args._run(args))

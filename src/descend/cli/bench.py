@@ -50,6 +50,8 @@ import torch
 from torch import Tensor
 
 import descend
+from descend.cli import options
+from descend.cli.digits import atomic_write_text
 
 __all__ = ["add_arguments", "run", "main", "SETS", "param_shapes"]
 
@@ -409,27 +411,47 @@ def modes_table(rows: list[Row]) -> str:
 # --- command line ----------------------------------------------------------------------
 
 
+MAX_THREADS = 1024
+MAX_TRIAD_MB = 2**20  # 1 TiB per array; what the machine has is checked when the command runs
+
+
+def _names_arg(allowed: tuple[str, ...], what: str) -> Callable[[str], str]:
+    """argparse type: a comma-separated list of ``allowed`` names (kept as the text)."""
+
+    def parse(text: str) -> str:
+        try:
+            _names(text, allowed, what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``descend bench`` (also ``python benchmarks/step_speed.py``)."""
     parser.add_argument("--quick", action="store_true",
                         help="smaller GPT-2 and single-tensor sets and fewer rounds (about a minute)")
-    parser.add_argument("--sets", default=",".join(SETS),
+    parser.add_argument("--sets", default=",".join(SETS), type=_names_arg(SETS, "--sets"),
                         help=f"comma-separated parameter sets (default: all of {', '.join(SETS)})")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), type=_names_arg(OPTIMIZERS, "--optimizers"),
                         help=f"comma-separated optimizers (default: {', '.join(OPTIMIZERS)})")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=options.positive_int, default=None,
                         help="timed rounds per comparison (default 10, 4 with --quick)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    parser.add_argument("--min-seconds", type=float, default=None,
+    parser.add_argument("--warmup", type=options.positive_int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--min-seconds", type=options.nonnegative_float, default=None,
                         help="go on with more rounds (up to 200) until the timed ones took this long "
                              "(default 5, 1 with --quick): cheap comparisons get more samples")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--threads", type=options.int_in(1, MAX_THREADS), default=2,
+                        help="intra-op threads (default 2)")
     parser.add_argument("--no-modes", action="store_true",
                         help="skip the cost of descend's modes (independent decay, L1, nonfinite, new grads)")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled step that measures memory")
-    parser.add_argument("--triad-mb", type=int, default=256, help="size of each triad array in MiB (default 256)")
+    parser.add_argument("--triad-mb", type=options.int_in(1, MAX_TRIAD_MB), default=256,
+                        help="size of each triad array in MiB (default 256)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample and the machine to PATH")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=options.seed, default=0)
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -438,6 +460,23 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     if bad or not names:
         raise ValueError(f"Invalid {what}: {value!r} (allowed: comma-separated {', '.join(allowed)})")
     return names
+
+
+def _physical_memory() -> int | None:
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    return None
+
+
+def check_resources(args: argparse.Namespace) -> None:
+    """What the command will need, checked before any work: the triad's three arrays fit in
+    this machine's memory, and the ``--json`` file can be written. :class:`CommandError` otherwise."""
+    memory = _physical_memory()
+    if memory is not None and 3 * args.triad_mb * 2**20 > memory:
+        raise options.CommandError(f"--triad-mb {args.triad_mb}: the triad's three arrays of {args.triad_mb} MiB "
+                                   f"do not fit in this machine's {memory / 2**30:.1f} GiB of memory")
+    if args.json:
+        options.check_output_file(args.json)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -453,6 +492,7 @@ def run(args: argparse.Namespace) -> int:
     if steps < 1 or args.warmup < 1 or args.threads < 1:
         print("descend bench: --steps, --warmup and --threads must be positive", file=sys.stderr)
         return 2
+    check_resources(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -505,16 +545,27 @@ def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps
         print()
         print(modes_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "rows": [r.__dict__ for r in rows]}, f, indent=1,
-                      default=str)
+        doc = {"machine": info, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+               "rows": [r.__dict__ for r in rows]}
+        try:
+            atomic_write_text(args.json, json.dumps(doc, indent=1, default=str))
+        except OSError as e:
+            raise options.CommandError(f"cannot write {args.json!r}: {e.strerror or e}") from None
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="descend bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (2) or --help (0), as a return value
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return run(args)
+    except options.CommandError as e:
+        print(f"descend bench: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import descend
-from descend.cli import digits
+from descend.cli import digits, options
 from descend.cli.digits import Digits, History
 
 HELP = "train on the digits data under each kind of regularization; write a figure, a table, JSON and CSV"
@@ -416,6 +416,9 @@ def plot(path: str, runs: list[Run], title: str) -> None:
 
 # --- the command -----------------------------------------------------------------------
 
+#: what the demo writes into ``--out`` (checked before the work starts)
+OUTPUTS = ("demo.png", "results.json", "results.csv", "weights.pt")
+
 
 def _run_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -430,11 +433,12 @@ def _run_names(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="descend-demo",
                         help="output directory (default: ./descend-demo/)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="initial weights and minibatch order (default: 0)")
+    parser.add_argument("--seed", type=options.seed, default=0, metavar="N",
+                        help="initial weights and minibatch order (default: 0; any integer torch.manual_seed "
+                        "takes)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_EPOCHS} epochs instead of {EPOCHS} (well under 30 s)")
-    parser.add_argument("--epochs", type=digits.positive_int, metavar="N",
+    parser.add_argument("--epochs", type=options.positive_int, metavar="N",
                         help=f"epochs of each minibatch run (default: {EPOCHS}; the full-batch runs always get "
                         f"{FULL_BATCH_PASSES} gradient evaluations)")
     parser.add_argument("--only", type=_run_names, metavar="RUN[,RUN...]",
@@ -443,7 +447,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = digits.prepare_output_dir(args.out)
+    out = options.check_output_dir(args.out, OUTPUTS)
     digits.require("sklearn", "matplotlib", "tqdm", "scipy")
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     configs = [c for c in configurations() if args.only is None or c.name in args.only]

@@ -14,12 +14,10 @@ must need only torch.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# re-exported: what demo and sweep used from here before descend.cli.options held it
+from descend.cli.options import CommandError as CommandError
+from descend.cli.options import positive_int as positive_int
+
 EXTRA_HINT = "pip install 'descend[demo]'"
-
-
-class CommandError(Exception):
-    """An error the command line reports in one line (exit code 1), without a traceback."""
 
 
 def require(*modules: str) -> None:
@@ -42,20 +40,6 @@ def require(*modules: str) -> None:
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise CommandError(f"this command needs {', '.join(missing)} (the demo extra): {EXTRA_HINT}")
-
-
-def prepare_output_dir(path: str) -> str:
-    """Create ``path`` if needed and check that a file can be written in it.
-
-    Raises :class:`CommandError` naming the directory otherwise."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".descend-write-test-"):
-            pass
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise CommandError(f"cannot write to output directory {path!r}: {reason}") from None
-    return path
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -219,7 +203,7 @@ def train_minibatch(
     n = data.x_train.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed((seed + 1) % 2**64)  # any seed torch takes, as torch maps it
     history = History(passes=[0.0], snapshots=[measure(model, data)])
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
@@ -243,13 +227,3 @@ def train_minibatch(
                 on_epoch(epoch, snap)
     return history
 
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number > 0 (a usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value

@@ -19,7 +19,9 @@ a horizontal line means separable. ``--methods`` adds torch's AdamW (``decay="de
 Cells run in parallel, one process per core (each with one torch thread). Each finished cell
 is appended to ``sweep.jsonl`` in ``--out`` at once; running the same command again skips
 the cells already there, so an interrupted sweep (Ctrl-C) loses nothing and recomputes
-nothing. The figure is ``sweep.png``.
+nothing. A damaged line (cut short, not UTF-8, not a record, or a test error that is not a
+number in [0, 1]) is dropped from the file, with one line on stderr saying so, and its cell is
+computed again. The figure is ``sweep.png``.
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ from typing import Any
 import torch
 
 import descend
-from descend.cli import digits
+from descend.cli import digits, options
 
 HELP = "learning rate × weight decay grid for Adam+L2 and AdamW; draws the two test-error heatmaps"
 
 HIDDEN = 64
 BATCH_SIZE = 64
 EPOCHS = 20
+MAX_AXIS = 1000  # learning rates, weight decays
 RESULTS = "sweep.jsonl"
 FIGURE = "sweep.png"
 
@@ -126,20 +129,71 @@ def _init_worker() -> None:
 # --- the results file ------------------------------------------------------------------
 
 
-def read_results(path: str) -> dict[str, dict[str, Any]]:
-    """The records in ``path`` by key; lines that do not parse (a write cut short) are skipped."""
-    records: dict[str, dict[str, Any]] = {}
+def _problem(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the record, None) for a sound line of the results file, (None, what is wrong) otherwise."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and isinstance(rec.get("key"), str) and "test_error" in rec:
-                    records[rec["key"]] = rec
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "bytes that are not UTF-8"
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None, "not JSON (a write cut short?)"
+    if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or "test_error" not in rec:
+        return None, "not a cell's record"
+    error = rec["test_error"]
+    if isinstance(error, bool) or not isinstance(error, (int, float)):
+        return None, f"test_error {error!r} is not a number"
+    if not (math.isfinite(error) and 0 <= error <= 1):
+        return None, f"test_error {error!r} is outside [0, 1]"
+    return rec, None
+
+
+def scan_results(path: str) -> tuple[dict[str, dict[str, Any]], list[bytes], list[tuple[int, str]]]:
+    """Read ``path``: the sound records by key (a later line wins), the sound lines as they are,
+    and the damaged ones as (line number, what is wrong). A missing file is an empty one."""
+    records: dict[str, dict[str, Any]] = {}
+    sound: list[bytes] = []
+    damaged: list[tuple[int, str]] = []
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        pass
+        return records, sound, damaged
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        rec, problem = _problem(line)
+        if rec is None:
+            damaged.append((number, problem or "damaged"))
+            continue
+        records[rec["key"]] = rec
+        sound.append(line)
+    return records, sound, damaged
+
+
+def read_results(path: str) -> dict[str, dict[str, Any]]:
+    """The sound records in ``path`` by key; damaged lines (see :func:`repair_results`) are
+    left out."""
+    return scan_results(path)[0]
+
+
+def repair_results(path: str) -> dict[str, dict[str, Any]]:
+    """The sound records in ``path`` by key, after rewriting the file without its damaged
+    lines (a line that does not parse, holds bytes that are not UTF-8, or whose test_error is
+    not a number in [0, 1]), so that their cells are computed again; says so in one line on
+    stderr. The rewrite is atomic: an interruption leaves the old file or the new one."""
+    records, sound, damaged = scan_results(path)
+    if not damaged:
+        return records
+    number, problem = damaged[0]
+    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+    try:
+        digits.atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in sound))
+    except OSError as e:
+        raise options.CommandError(f"cannot rewrite {path!r} without its damaged lines: {e.strerror or e}") from None
+    print(f"descend sweep: {path}: dropped {len(damaged)} damaged line{'s' if len(damaged) > 1 else ''} "
+          f"(line {number}: {problem}{more}); the cells they held are computed again", file=sys.stderr)
     return records
 
 
@@ -205,7 +259,7 @@ def sweep(cells: list[Cell], out: str, workers: int, progress: bool) -> tuple[di
     """Run the cells of ``cells`` that ``out/sweep.jsonl`` does not hold yet; returns all
     records of the grid and how many were computed now."""
     path = os.path.join(out, RESULTS)
-    done = read_results(path)
+    done = repair_results(path)
     pending = [c for c in cells if c.key not in done]
     skipped = len(cells) - len(pending)
     if skipped:
@@ -345,20 +399,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log2 of the smallest and largest learning rate (default: -12 -4)")
     parser.add_argument("--wd", nargs=2, type=_exponent_arg, metavar=("LO", "HI"), default=[-16.0, -2.0],
                         help="log2 of the smallest and largest weight decay, for every method (default: -16 -2)")
-    parser.add_argument("--n-lr", type=digits.positive_int, default=9, metavar="N",
-                        help="number of learning rates (default: 9)")
-    parser.add_argument("--n-wd", type=digits.positive_int, default=8, metavar="N",
-                        help="number of weight decays (default: 8)")
-    parser.add_argument("--epochs", type=digits.positive_int, default=EPOCHS, metavar="N",
+    parser.add_argument("--n-lr", type=options.int_in(1, MAX_AXIS), default=9, metavar="N",
+                        help=f"number of learning rates (default: 9, at most {MAX_AXIS})")
+    parser.add_argument("--n-wd", type=options.int_in(1, MAX_AXIS), default=8, metavar="N",
+                        help=f"number of weight decays (default: 8, at most {MAX_AXIS})")
+    parser.add_argument("--epochs", type=options.positive_int, default=EPOCHS, metavar="N",
                         help=f"epochs per cell (default: {EPOCHS})")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
+    parser.add_argument("--seed", type=options.seed, default=0, metavar="N",
                         help="initial weights and minibatch order (default: 0)")
-    parser.add_argument("--workers", type=digits.positive_int, default=os.cpu_count() or 1, metavar="N",
+    parser.add_argument("--workers", type=options.positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="worker processes (default: all cores, here %(default)s)")
     parser.add_argument("--methods", type=_methods, default=DEFAULT_METHODS, metavar="M[,M...]",
                         help=f"what to compare, one heatmap each (default: {','.join(DEFAULT_METHODS)}; "
                         f"choose from {', '.join(METHODS)})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What no single option's type can see (a usage error, raised as ArgumentTypeError)."""
+    for option, (low, high), n in (("--lr", args.lr, args.n_lr), ("--wd", args.wd, args.n_wd)):
+        if low == high and n > 1:
+            raise argparse.ArgumentTypeError(f"{option} {low:g} {high:g} with --n-{option[2:]} {n}: the same "
+                                             f"value {n} times (give two different exponents, or --n-{option[2:]} 1)")
 
 
 def cells_of(args: argparse.Namespace) -> tuple[list[Cell], list[float], list[float]]:
@@ -370,7 +432,7 @@ def cells_of(args: argparse.Namespace) -> tuple[list[Cell], list[float], list[fl
 
 
 def run(args: argparse.Namespace) -> int:
-    out = digits.prepare_output_dir(args.out)
+    out = options.check_output_dir(args.out, (RESULTS, FIGURE))
     digits.require("sklearn", "matplotlib", "tqdm")
     cells, lrs, wds = cells_of(args)
     start = time.perf_counter()

@@ -460,6 +460,12 @@ def _process_groups(process_group: Any) -> list[Any]:
     return [process_group]
 
 
+def _no_params(name: str, groups: list[Any]) -> ValueError:
+    """The error for a set of groups without a parameter (there would be no vector to solve over)."""
+    return invalid("params", groups, f"at least one parameter: {name} runs one solver over the parameters of all "
+                   "groups (a group without parameters beside others is accepted, and changes nothing)")
+
+
 def _refuse_zero(name: str) -> None:
     """A closure solver made as the local optimizer of ``ZeroRedundancyOptimizer`` is refused.
 
@@ -525,7 +531,15 @@ class ClosureSolver(RegularizedOptimizer):
         self.last_stop: str | None = None
         _refuse_zero(type(self).__name__)
         self._loss_groups = _process_groups(process_group)
+        if not isinstance(params, Tensor):
+            params = list(params)  # read once (model.parameters() is a generator)
+            if not params:
+                raise _no_params(type(self).__name__, [])
+        self._building = True  # torch adds the groups one by one: an empty one may come before the others
         super().__init__(params, defaults, nonfinite=nonfinite)
+        self._building = False
+        if not any(g["params"] for g in self.param_groups):
+            raise _no_params(type(self).__name__, [g["params"] for g in self.param_groups])
 
     # --- validation ----------------------------------------------------------------------
 
@@ -572,6 +586,9 @@ class ClosureSolver(RegularizedOptimizer):
             self._validate(merged)
             self._check_agreement(self.param_groups[0], merged, len(self.param_groups))
         super().add_param_group(param_group)
+        if not getattr(self, "_building", False) and not any(g["params"] for g in self.param_groups):
+            self.param_groups.pop()  # refused: nothing changed
+            raise _no_params(type(self).__name__, [g["params"] for g in self.param_groups] + [[]])
         # the vector the solver works on has changed: its memory no longer applies
         self.state.clear()
 
@@ -702,6 +719,8 @@ class ClosureSolver(RegularizedOptimizer):
                              "when it fails: see 'Closure solvers' in docs/distributed.md)")
         settings = self._settings()
         params = [p for g in self.param_groups for p in g["params"]]
+        if not params:  # param_groups emptied by hand after construction
+            raise _no_params(type(self).__name__, [g["params"] for g in self.param_groups])
         decays = [scalar_value(g["weight_decay"]) for g in self.param_groups for _ in g["params"]]
         space = ParamSpace(params)
         state = self._load_state(space)
