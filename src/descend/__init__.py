@@ -6,15 +6,18 @@ SGD, Adam and AdamW share one regularization vocabulary (``weight_decay``, ``l1`
 model by rule and :func:`explain` shows what each parameter gets.
 """
 
-from descend.explain import Explanation, ParamRow, explain
+from descend.explain import Explanation, GroupSummary, ParamRow, explain
 from descend.groups import param_groups
 from descend.optimizer import RegularizedOptimizer
+from descend.optimizers.adafactor import Adafactor
 from descend.optimizers.adam import Adam, AdamW
+from descend.optimizers.lion import Lion
 from descend.optimizers.sgd import SGD
 from descend.regularization import DECAY_MODES, l1_penalty, l2_penalty
 from descend.solvers.cg import CG, ConjugateGradient
 from descend.solvers.lbfgs import LBFGS
 from descend.solvers.minimize import MinimizeResult, minimize
+from descend.timescale import normalized_weight_decay, timescale, weight_decay_for_timescale
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,8 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "Adafactor",
+    "Lion",
     "LBFGS",
     "ConjugateGradient",
     "CG",
@@ -32,6 +37,10 @@ __all__ = [
     "explain",
     "Explanation",
     "ParamRow",
+    "GroupSummary",
+    "timescale",
+    "weight_decay_for_timescale",
+    "normalized_weight_decay",
     "l1_penalty",
     "l2_penalty",
     "DECAY_MODES",

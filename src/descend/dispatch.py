@@ -4,7 +4,8 @@ An update rule has a per-tensor reference and, where it pays, a multi-tensor (fo
 fused form; all compute the same math (tests hold them equal). :func:`choose` picks one for
 a group's batch: torch's fused kernel wherever it computes the same math, else foreach, else
 the reference; ``fused=`` / ``foreach=`` force a path as in torch. Under ``torch.compile``
-it picks foreach, which compiles (torch's fused CPU kernels have no fake kernels).
+it picks foreach, which compiles (torch's fused CPU kernels have no fake kernels), and
+:func:`grouped` leaves the grouping by device and dtype to inductor, as torch.optim does.
 
 Also here, because they only make a step faster and never change a number:
 
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from descend.tensors import IS_CPU, device_types_and_dtypes, is_dtensor
+from descend.tensors import IS_CPU, device_types_and_dtypes, grouped_by_device_and_dtype, is_dtensor
 
 if TYPE_CHECKING:
     from descend.optimizer import GroupBatch
 
-__all__ = ["IMPLEMENTATIONS", "choose", "Verified", "run_serialized", "compiling"]
+__all__ = ["IMPLEMENTATIONS", "choose", "grouped", "Verified", "run_serialized", "compiling"]
 
 IMPLEMENTATIONS = ("fused", "foreach", "single")
 
@@ -61,6 +62,7 @@ class Verified:
     values: list[Any]  # held, so that no new object can reuse a checked one's id
     facts: tuple[bool, set[tuple[str, torch.dtype]], bool] | None = None  # of static_facts
     current: list[Tensor] | None = None  # the params list of this step's batch
+    shapes: list[torch.Size] | None = None  # the parameters' shapes when their state was checked
 
     def matches(self, params: list[Tensor], ptrs: list[int], values: list[Any]) -> bool:
         return (len(params) == len(self.params) and len(values) == len(self.values) and ptrs == self.ptrs
@@ -134,6 +136,8 @@ def choose(batch: GroupBatch, *, fast_paths: tuple[str, ...], fused_broken: froz
     each parameter, its gradient and its state in one dense layout (:func:`one_dense_layout`);
     where they differ the default is foreach."""
     group, params = batch.group, batch.params
+    if compiling():
+        return _choose_compiling(batch, fast_paths)
     if verified is not None and verified.current is params:  # the same tensors as a step that was checked
         if verified.facts is None:
             verified.facts = static_facts(batch)
@@ -167,13 +171,42 @@ def choose(batch: GroupBatch, *, fast_paths: tuple[str, ...], fused_broken: froz
     foreach_ok = "foreach" in fast_paths and not complex_ and all(d in foreach_devices() for d, _ in kinds)
     if group.get("foreach"):
         return "foreach" if foreach_ok else "single"
-    if compiling():
-        # torch's fused CPU kernels have no fake (meta) kernels, so they cannot be traced
-        return "foreach" if foreach_ok else "single"
     if fused_ok and not broken and dense():
         return "fused"
     # DTensor (FSDP2) supports the foreach kernels, and they are torch's default for it too
     return "foreach" if foreach_ok and (plain or all(map(is_dtensor, params))) else "single"
+
+
+def _choose_compiling(batch: GroupBatch, fast_paths: tuple[str, ...]) -> str:
+    """:func:`choose` while torch.compile traces the step: foreach wherever the rule has it and
+    the tensors allow it, else the reference. Never fused: torch's fused CPU kernels have no
+    fake kernels, and its fused AdamW trips functionalization; the foreach forms compile to
+    the same math (``fused=True`` is honoured in eager mode only, after the same refusals).
+    Written with plain loops and attribute reads, which dynamo traces without a break (the
+    eager path's C-level maps over ``operator.attrgetter`` are not traceable)."""
+    group, params = batch.group, batch.params
+    kinds = {(p.device.type, p.dtype) for p in params}
+    complex_ = any(t.is_complex for _, t in kinds)
+    if group.get("fused"):
+        plain = all(type(p) in _PLAIN_TENSOR_TYPES for p in params)
+        if not ("fused" in fast_paths and plain and not complex_
+                and all(d in fused_devices() and t.is_floating_point for d, t in kinds)):
+            raise RuntimeError(
+                "fused=True needs floating-point, non-complex tensors on a device with fused kernels "
+                f"({', '.join(fused_devices())})")
+    if group.get("foreach") is False:
+        return "single"
+    foreach_ok = "foreach" in fast_paths and not complex_ and all(d in foreach_devices() for d, _ in kinds)
+    return "foreach" if foreach_ok else "single"
+
+
+def grouped(lists: list[list[Any]]) -> list[tuple[list[list[Any]], list[int]]]:
+    """:func:`descend.tensors.grouped_by_device_and_dtype`, except while torch.compile traces
+    the step: then one bucket of everything, as torch.optim does (inductor groups by device
+    and dtype when it lowers the foreach ops; the eager grouping is not traceable)."""
+    if compiling():
+        return [(lists, list(range(len(lists[0]))))]
+    return grouped_by_device_and_dtype(lists)
 
 
 @functools.cache

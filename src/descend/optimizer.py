@@ -42,8 +42,8 @@ from torch import Tensor
 
 from descend import dispatch, regularization
 from descend.regularization import Absorbs, KernelTerms
-from descend.state import StateSpec
-from descend.tensors import all_finite, by_device_and_dtype, is_dtensor, norm_dtype
+from descend.state import SCALAR, StateSpec
+from descend.tensors import DTYPE, IS_CPU, SHAPE, all_finite, by_device_and_dtype, is_dtensor, norm_dtype
 from descend.validation import check_flag, check_number, invalid, scalar_value
 
 if TYPE_CHECKING:
@@ -51,6 +51,13 @@ if TYPE_CHECKING:
 
 NONFINITE_MODES = ("ignore", "skip", "raise")
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
+#: the terms of a batch before "regularize before" (frozen, so one object serves every batch)
+NO_TERMS = KernelTerms()
+
+
+def initial_base_lr(group: dict[str, Any]) -> float:
+    """lr₀ of a group given to an optimizer: its lr, times timm's ``lr_scale`` if it has one."""
+    return scalar_value(group["lr"]) * float(group.get("lr_scale", 1.0))
 
 
 @dataclass
@@ -94,14 +101,23 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     _absorbs: dict[str, Absorbs] = {}
     #: implementations in which a tensor lr stays a tensor (torch computes with it so)
     _tensor_lr_paths: tuple[str, ...] = ()
+    #: whether the rule steps complex parameters (refused in add_param_group otherwise)
+    _steps_complex: bool = True
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore") -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore",
+                 warn: bool = True, flat: bool = False) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise invalid("nonfinite", nonfinite, ", ".join(repr(m) for m in NONFINITE_MODES))
+        check_flag("warn", warn)
+        check_flag("flat", flat)
         self.nonfinite = nonfinite
+        #: whether implausible decay settings warn (at construction and in add_param_group)
+        self.warn = warn
         self.skipped_steps = 0
         self._validate(defaults)
         super().__init__(params, defaults)
+        if flat:
+            self._use_flat_storage()
 
     # --- groups and validation ---------------------------------------------------------
 
@@ -109,10 +125,27 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         """Raise ValueError for an invalid option of this optimizer (subclasses extend)."""
 
     def _validate(self, group: dict[str, Any]) -> None:
-        check_number("lr", group["lr"], low=0)
-        if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
-            raise invalid("lr", group["lr"], "a float or a 1-element tensor")
+        lr = group["lr"]
+        if not isinstance(lr, (float, int, Tensor)) or isinstance(lr, bool):
+            # a Fraction or a Decimal passes as a real number but not into torch's kernels
+            raise invalid("lr", lr, "a float, an int or a 1-element tensor")
+        # a tensor lr's value cannot be read while torch.compile traces the step (a graph break,
+        # and a recompile at every new value): there, as torch.optim does at every step, it is not checked
+        traced_lr = isinstance(lr, Tensor) and dispatch.compiling()
+        if not traced_lr:
+            check_number("lr", lr, low=0)
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise invalid("lr", lr, "a float or a 1-element tensor")
+        if "lr_scale" in group:
+            check_number("lr_scale", group["lr_scale"], low=0)
+        if "base_lr" in group:
+            base_lr = group["base_lr"]
+            if not isinstance(base_lr, (float, int)) or isinstance(base_lr, bool):
+                raise invalid("base_lr", base_lr, "a float: the lr the group had when it was given to the optimizer")
+            check_number("base_lr", base_lr, low=0)
         regularization.check_regularization(group)
+        if not traced_lr:
+            regularization.check_factor(group, base_lr=group.get("base_lr", initial_base_lr(group)))
         for flag in ("maximize", "nesterov", "amsgrad"):
             if flag in group:
                 check_flag(flag, group[flag])
@@ -120,17 +153,50 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             check_flag(flag, group.get(flag), optional=True)
         if group.get("foreach") and group.get("fused"):
             raise ValueError("Invalid foreach=True with fused=True (allowed: at most one of them)")
+        if group.get("fused") and "fused" not in self._fast_paths:
+            raise invalid("fused", group["fused"], f"None or False: {type(self).__name__} has no fused kernel")
         self._check_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, after every option and every parameter's dtype was checked.
+
+        A group without names added to an optimizer whose groups have names (built from
+        :func:`descend.param_groups` or ``named_parameters()``) gets made-up names
+        ``group{i}.param{j}``, where torch raises: libraries that unfreeze layers later
+        (Lightning's BackboneFinetuning) add plain groups. The group's ``base_lr`` (lr₀) is
+        fixed here: its lr, times timm's ``lr_scale`` where the group carries one (timm's
+        scheduler multiplies the lr by it at every step, so it is part of lr₀, not schedule)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         self._validate({**self.defaults, **options})
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):
+            params = list(params)
+        if isinstance(params, list):
+            for i, p in enumerate(params):
+                tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+                if not isinstance(tensor, Tensor):
+                    continue  # torch's add_param_group says what it must be
+                name = f"parameter {p[0]!r}" if tensor is not p else f"parameter {i} of the group"
+                if not (tensor.is_floating_point() or tensor.is_complex()):
+                    raise invalid("params", f"{name} of dtype {tensor.dtype}",
+                                  "floating-point or complex tensors (an optimizer step cannot move integers)")
+                if tensor.is_complex() and not self._steps_complex:
+                    raise invalid("params", f"{name} of dtype {tensor.dtype}",
+                                  f"real tensors: {type(self).__name__} does not support complex parameters")
+            named = self.param_groups and "param_names" in self.param_groups[0]
+            if named and "param_names" not in param_group and not any(isinstance(p, tuple) for p in params):
+                params = [(f"group{len(self.param_groups)}.param{j}", p) for j, p in enumerate(params)]
+            param_group["params"] = params
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # lr₀ of "independent" decay: fixed here, never touched by LR schedulers.
-        group.setdefault("base_lr", scalar_value(group["lr"]))
+        # lr₀ of the "independent" and "corrected" modes: fixed here, never touched by LR schedulers.
+        group.setdefault("base_lr", initial_base_lr(group))
+        if self.warn:
+            regularization.warn_if_implausible(group, f"group {len(self.param_groups) - 1} of {type(self).__name__}")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         ours = "differentiable" in state.get("defaults", {})
@@ -141,8 +207,16 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("nonfinite", "ignore")
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("warn", True)
         for group in self.param_groups:
             self._fill_group(group)
+        scalars = [e.name for e in self.state_spec.entries if e.shape is SCALAR and e.tensor]
+        for entry in self.state.values():
+            for key in scalars:
+                value = entry.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    # torch < 1.12 saved step counts as numbers; torch converts them on load, so do we
+                    entry[key] = torch.tensor(float(value), dtype=torch.float32)
 
     def _fill_group(self, group: dict[str, Any]) -> None:
         """Give a group that was saved by torch.optim (or an older descend) every key."""
@@ -152,7 +226,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         for key, default in self.defaults.items():
             group.setdefault(key, default)
         if "base_lr" not in group:
-            group["base_lr"] = scalar_value(group.get("initial_lr", group["lr"]))
+            group["base_lr"] = scalar_value(group.get("initial_lr", group["lr"])) * float(group.get("lr_scale", 1.0))
 
     # --- state dicts -------------------------------------------------------------------
 
@@ -206,6 +280,19 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         """The state of a parameter before its first step, from the state declaration."""
         return self.state_spec.new_state(param, group)
 
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Only while torch.compile traces a step: the state of the group's parameters before
+        their first step, stored at once. Dynamo runs a method of this name eagerly at trace
+        time (torch.optim's hook: torch/_dynamo/variables/optimizer.py) and guards on the state
+        it made, so that a first step and the steps after it compile to one graph, not two.
+        (An eager step makes new state in :meth:`_prepare` and stores it after the update.)"""
+        state_of = self.state.get
+        for p in group["params"]:
+            if p.grad is not None and not state_of(p):
+                state = self._new_state(p, group)
+                if state:  # as torch.optim: no entry for a parameter that keeps no state
+                    self.state[p] = state
+
     #: (device type, dtype) pairs on which torch's fused kernel of this optimizer is wrong
     _fused_broken: frozenset[tuple[str, torch.dtype]] = frozenset()
 
@@ -217,15 +304,21 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         flat = self._flat_storage()
         if flat is not None:
             return flat.prepare()
+        if dispatch.compiling():  # before anything reads self.state: see _init_group
+            for group in self.param_groups:
+                self._validate(group)
+                self._init_group(group)
         batches = []
         state_of = self.state.get
         # the state check has a bulk form (per state key, in C): per parameter it cost more than the rest
-        bulk = type(self)._check_state is RegularizedOptimizer._check_state
+        # (not while torch.compile traces the step: dynamo traces neither its C-level maps nor
+        # data_ptr; per parameter, each check is decided once, at trace time, and guarded)
+        bulk = type(self)._check_state is RegularizedOptimizer._check_state and not dispatch.compiling()
         verified: dict[int, dispatch.Verified] = self.__dict__.get("_verified") or {}
         self._verified: dict[int, dispatch.Verified] = {}
         for group in self.param_groups:
             self._validate(group)
-            batch = GroupBatch(group)
+            batch = GroupBatch(group, terms=NO_TERMS)  # (a global: torch.compile traces no default_factory)
             params, grads, states = batch.params, batch.grads, batch.states
             for p in group["params"]:  # the hot loop of a step over many small tensors: keep it lean
                 grad = p.grad
@@ -245,22 +338,42 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(grad)
                 states.append(state)
+            shapes = self._check_grads(params, grads) if params else []
             if bulk and params:
                 values = list(itertools.chain.from_iterable(map(dict.values, states)))
                 ptrs = list(map(Tensor.data_ptr, params))
                 entry = verified.get(id(group))
-                if entry is None or not entry.matches(params, ptrs, values):
+                if entry is None or not entry.matches(params, ptrs, values) or entry.shapes != shapes:
                     if not self.state_spec.all_fit(params, states, group):
                         for p, state in zip(params, states):  # find it, and say what does not fit
                             if p not in batch.new:
                                 self._check_state(p, state, group)
                     entry = dispatch.Verified(params, ptrs, values)
+                    entry.shapes = shapes  # p.data = p.data[:2] keeps the pointer: the shape tells
                 entry.current = params
                 self._verified[id(group)] = entry
             if params:
                 batch.implementation = self._implementation(batch)
             batches.append(batch)
         return batches
+
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor]) -> list[torch.Size]:
+        """Raise ValueError unless each gradient has its parameter's shape, dtype and device
+        (torch's fused kernels would read past the end of a short gradient); returns the
+        parameters' shapes. In bulk, with C-level maps: this runs at every step."""
+        compiling = dispatch.compiling()  # dynamo traces no attrgetter: then per parameter, at trace time
+        shapes = [p.shape for p in params] if compiling else list(map(SHAPE, params))
+        if not compiling and (list(map(SHAPE, grads)) == shapes and list(map(DTYPE, grads)) == list(map(DTYPE, params))
+                and ((all(map(IS_CPU, params)) and all(map(IS_CPU, grads)))
+                     or all(p.device == g.device for p, g in zip(params, grads)))):
+            return shapes
+        for p, g in zip(params, grads):
+            for what, mine, its in (("shape", tuple(g.shape), tuple(p.shape)), ("dtype", g.dtype, p.dtype),
+                                    ("device", g.device, p.device)):
+                if mine != its:
+                    raise ValueError(f"the gradient of {self._describe_param(p)} has {what} {mine}, but the "
+                                     f"parameter has {what} {its}; nothing was changed")
+        return shapes
 
     def _grads_are_finite(self, batches: list[GroupBatch]) -> bool:
         grads = [g for b in batches for g in b.grads]
@@ -321,7 +434,12 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     def _run_update(self, batch: GroupBatch) -> None:
         """One group's batch through the pipeline: regularize before, the rule, regularize after."""
         group, implementation = batch.group, batch.implementation
-        lr = group["lr"] if implementation in self._tensor_lr_paths else scalar_value(group["lr"])
+        # while torch.compile traces the step a tensor lr stays a tensor on every path: read as a
+        # float it would break the graph, and recompile it at every new lr
+        keep = implementation in self._tensor_lr_paths or dispatch.compiling()
+        lr = group["lr"] if keep else scalar_value(group["lr"])
+        if isinstance(lr, Tensor) and lr.dim() != 0:
+            lr = lr.reshape(())  # a 1-element tensor lr as a scalar (same value, dtype and device)
         plan = regularization.plan(group, lr)
         self._inspect(batch)
         batch.grads, batch.terms = regularization.regularize_before(

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.regularization import Absorbs
 from descend.state import SCALAR, Entry, StateSpec
 from descend.tensors import IS_CPU, grouped_by_device_and_dtype
-from descend.validation import check_flag, check_number, invalid
+from descend.validation import check_number, invalid
 
 __all__ = ["Adam", "AdamW", "adam"]
 
@@ -76,6 +77,8 @@ def adam(
     state updated in place; ``steps`` are float32 scalar tensors, incremented here).
     ``maximize`` and ``weight_decay`` (coupled, or ``decoupled``) are the fused kernels' own terms."""
     impl = {"single": _single_tensor_adam, "foreach": _multi_tensor_adam, "fused": _fused_adam}[implementation]
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.reshape(())  # a 1-element tensor lr, as a scalar (same value and dtype)
     # A tensor lr stays a tensor where torch keeps it one (its step size is then computed in the
     # tensor's dtype, float32 for torch.tensor(0.01)): parity includes that rounding.
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
@@ -119,19 +122,27 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        weight_decay: float, decoupled: bool) -> None:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype."""
     assert not maximize and weight_decay == 0, "the pipeline applies these for foreach"
-    lr = float(lr)
+    # While torch.compile traces the step, lr and the step counts stay tensors: reading them
+    # (float(), .item()) would break the graph and recompile it at every step.
+    traced = dispatch.compiling()
+    if not traced:
+        lr = float(lr)
     lists: list[list[Any]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     if amsgrad:
         lists.append(max_exp_avg_sqs)
-    for tensors, _ in grouped_by_device_and_dtype(lists):
+    for tensors, _ in dispatch.grouped(lists):
         p, g, m, v, t = tensors[:5]
         torch._foreach_add_(t, 1)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
-        step_values = [float(s.item()) for s in t]
-        neg_step_sizes = [-lr / (1 - beta1**s) for s in step_values]
-        bias_correction2_sqrts = [(1 - beta2**s) ** 0.5 for s in step_values]
+        if traced:  # the same sizes as 0-dim tensors
+            neg_step_sizes: Any = [-lr / (1 - beta1**s) for s in t]
+            bias_correction2_sqrts: Any = [(1 - beta2**s) ** 0.5 for s in t]
+        else:
+            step_values = [float(s.item()) for s in t]
+            neg_step_sizes = [-lr / (1 - beta1**s) for s in step_values]
+            bias_correction2_sqrts = [(1 - beta2**s) ** 0.5 for s in step_values]
         if amsgrad:
             vmax = tensors[5]
             torch._foreach_maximum_(vmax, v)
@@ -140,7 +151,11 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
             denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, bias_correction2_sqrts)
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p, m, denom, neg_step_sizes)
+        if traced:  # (the overload with a tensor of scalars has no fake kernel off the GPU)
+            torch._foreach_div_(denom, neg_step_sizes)
+            torch._foreach_addcdiv_(p, m, denom)
+        else:
+            torch._foreach_addcdiv_(p, m, denom, neg_step_sizes)
 
 
 def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -159,6 +174,17 @@ def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         torch._foreach_add_(t, 1)
         kernel(p, g, m, v, vmax, t, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
                weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=None, found_inf=None)
+
+
+def check_betas(betas: Any) -> None:
+    """Raise ValueError unless ``betas`` is a pair (β₁, β₂), each in [0, 1) (Adam's, Lion's)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise invalid("betas", betas, "a pair (beta1, beta2)")
+    for i in (0, 1):
+        try:
+            check_number(f"beta{i + 1}", betas[i], low=0, high=1)
+        except ValueError:
+            raise invalid("betas", betas, f"beta{i + 1} = betas[{i}] a number in [0, 1)") from None
 
 
 class Adam(RegularizedOptimizer):
@@ -187,31 +213,15 @@ class Adam(RegularizedOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, l1: float = 0,
                  decay: str = "coupled", maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False) -> None:
+                 fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False,
+                 warn: bool = True) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l1=l1,
                         decay=decay, maximize=maximize, foreach=foreach, fused=fused)
-        check_flag("flat", flat)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-        if flat:
-            self._use_flat_storage()
+        super().__init__(params, defaults, nonfinite=nonfinite, warn=warn, flat=flat)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise invalid("betas", betas, "a pair (beta1, beta2)")
-        for i in (0, 1):
-            try:
-                check_number(f"beta{i + 1}", betas[i], low=0, high=1)
-            except ValueError:
-                raise invalid("betas", betas, f"beta{i + 1} = betas[{i}] a number in [0, 1)") from None
+        check_betas(group["betas"])
         check_number("eps", group["eps"], low=0)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for entry in self.state.values():
-            # torch < 1.12 saved the step count as a number; torch converts it on load, so do we
-            if "step" in entry and not torch.is_tensor(entry["step"]):
-                entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
 
     def _update(self, batch: GroupBatch, implementation: str) -> None:
         group = batch.group
@@ -243,7 +253,8 @@ class AdamW(Adam):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, l1: float = 0,
                  decay: str = "decoupled", maximize: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False) -> None:
+                 fused: bool | None = None, nonfinite: str = "ignore", flat: bool = False,
+                 warn: bool = True) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l1=l1,
                          decay=decay, maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite,
-                         flat=flat)
+                         flat=flat, warn=warn)

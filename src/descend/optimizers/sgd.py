@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.regularization import Absorbs
 from descend.state import Entry, StateSpec
 from descend.tensors import grouped_by_device_and_dtype
-from descend.validation import check_flag, check_number, invalid
+from descend.validation import check_number, invalid
 
 __all__ = ["SGD", "sgd"]
 
@@ -47,7 +48,9 @@ def sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor
     new momentum buffers are written into ``momentum_buffers`` (one entry per parameter when
     momentum ≠ 0). ``maximize`` and ``weight_decay`` (coupled) are the fused kernel's own terms."""
     impl = {"single": _single_tensor_sgd, "foreach": _multi_tensor_sgd, "fused": _fused_sgd}[implementation]
-    impl(params, grads, momentum_buffers, lr=float(lr), momentum=momentum, dampening=dampening,
+    if not (implementation == "foreach" and isinstance(lr, Tensor) and dispatch.compiling()):
+        lr = float(lr)  # (traced, a tensor lr stays one: float() of it would break the graph)
+    impl(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
          nesterov=nesterov, maximize=maximize, weight_decay=weight_decay)
 
 
@@ -70,12 +73,12 @@ def _single_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffe
 
 
 def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
-                      lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                      lr: float | Tensor, momentum: float, dampening: float, nesterov: bool, maximize: bool,
                       weight_decay: float) -> None:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype."""
     assert not maximize and weight_decay == 0, "the pipeline applies these for foreach"
     lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
-    for tensors, indices in grouped_by_device_and_dtype(lists):
+    for tensors, indices in dispatch.grouped(lists):
         device_params: list[Tensor] = tensors[0]
         device_grads: list[Tensor] = tensors[1]
         if momentum != 0:
@@ -93,7 +96,10 @@ def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffer
                 device_grads = list(torch._foreach_add(device_grads, bufs, alpha=momentum))
             else:
                 device_grads = bufs
-        torch._foreach_add_(device_params, device_grads, alpha=-lr)
+        if isinstance(lr, Tensor):  # only while torch.compile traces the step (alpha takes a number)
+            torch._foreach_add_(device_params, torch._foreach_mul(device_grads, -lr))
+        else:
+            torch._foreach_add_(device_params, device_grads, alpha=-lr)
 
 
 def _fused_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
@@ -145,6 +151,8 @@ class SGD(RegularizedOptimizer):
             gradients hold NaN or inf.
         flat: keep parameters, gradients and state in one buffer per device and dtype, so
             that one kernel steps many small tensors (see :mod:`descend.flat`).
+        warn: warn (once, at construction and in ``add_param_group``) about a decoupled decay
+            that shrinks the weights by more than 1% per step (default True).
 
     The update rule is in the docstring of :mod:`descend.optimizers.sgd`.
     """
@@ -159,14 +167,12 @@ class SGD(RegularizedOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, l1: float = 0, decay: str = "coupled",
                  maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 nonfinite: str = "ignore", flat: bool = False) -> None:
+                 nonfinite: str = "ignore", flat: bool = False,
+                 warn: bool = True) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, l1=l1, decay=decay, maximize=maximize, foreach=foreach,
                         fused=fused)
-        check_flag("flat", flat)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-        if flat:
-            self._use_flat_storage()
+        super().__init__(params, defaults, nonfinite=nonfinite, warn=warn, flat=flat)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("momentum", group["momentum"], low=0, high=1)
