@@ -326,3 +326,30 @@ def test_reading_state_between_steps_sees_the_buffers() -> None:
         opt.step()
     assert torch.allclose(opt.state[p]["momentum_buffer"], torch.full((4,), 1.75))
     assert torch.allclose(opt.state_dict()["state"][0]["momentum_buffer"], torch.full((4,), 1.75))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_results_do_not_depend_on_the_order_of_the_parameters(name: str, dtype: torch.dtype) -> None:
+    """Each parameter's slot is padded to a multiple of 64 elements, so no parameter's elements
+    fall in the scalar tail of a fused kernel (whose rounding differs from its SIMD body)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(37,), (5, 21), (3,), (40_001,), (130,), (2, 2, 2), (33_333,)]  # some above one thread's share
+    values = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(5)]
+    kw = dict(lr=0.01, weight_decay=0.01, momentum=0.9) if name == "SGD" else dict(lr=0.01, weight_decay=0.01)
+
+    def run(order: list[int]) -> list[torch.Tensor]:
+        params = [values[i].clone().requires_grad_() for i in order]
+        opt = getattr(descend, name)(params, flat=True, **kw)
+        for step in grads:
+            for p, i in zip(params, order):
+                p.grad = step[i].clone()
+            opt.step()
+        by_index = dict(zip(order, params))
+        return [by_index[i].detach() for i in range(len(shapes))]
+
+    order = list(range(len(shapes)))
+    forward, backward = run(order), run(order[::-1])
+    for a, b in zip(forward, backward):
+        assert torch.equal(a, b)

@@ -63,6 +63,7 @@ class Verified:
     facts: tuple[bool, set[tuple[str, torch.dtype]], bool] | None = None  # of static_facts
     current: list[Tensor] | None = None  # the params list of this step's batch
     shapes: list[torch.Size] | None = None  # the parameters' shapes when their state was checked
+    grads: list[Any] | None = None  # weak references to the last step's gradients, checked against the parameters
 
     def matches(self, params: list[Tensor], ptrs: list[int], values: list[Any]) -> bool:
         return (len(params) == len(self.params) and len(values) == len(self.values) and ptrs == self.ptrs

@@ -83,18 +83,32 @@ def check_flat_params(optimizer: RegularizedOptimizer) -> None:
                     f"{p.layout} (allowed: flat=True only with dense tensors or nn.Parameter)")
 
 
+#: every parameter's place in a buffer starts at a multiple of this many elements
+ALIGN = 64
+
+
 class _Bucket:
-    """The buffers of one device and dtype: parameters ``params[i]`` own the elements
-    ``offsets[i]:offsets[i + 1]`` of ``data``, ``grad`` and every buffer in ``state``,
-    and element ``i`` of every vector in ``scalars``."""
+    """The buffers of one device and dtype: parameter ``params[i]`` owns the slot
+    ``offsets[i]:offsets[i + 1]`` of ``data``, ``grad`` and every buffer in ``state`` (its
+    elements first, then zeros up to the next multiple of :data:`ALIGN`), and element ``i``
+    of every vector in ``scalars``.
+
+    Why the padding: torch's fused CPU kernels split a tensor into chunks of whole cache lines
+    and run the SIMD form of the update on each, except on the tail of the tensor, which takes
+    the scalar form, whose rounding differs (fused multiply-adds). Without padding, which of a
+    parameter's elements fell in a tail depended on its neighbours, so results depended on the
+    order in which parameters were listed. With every slot a multiple of 64 elements (a whole
+    number of cache lines and vectors for every dtype) a run of slots has no tail: each element
+    takes the same path wherever it lies. The zeros stay zero under every rule (zero gradient,
+    zero state) and every decay mode."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> None:
         self.device, self.dtype, self.params = device, dtype, params
         self.offsets = [0]
         for p in params:
-            self.offsets.append(self.offsets[-1] + p.numel())
+            self.offsets.append(self.offsets[-1] + -(-p.numel() // ALIGN) * ALIGN)
         total = self.offsets[-1]
-        self.data = torch.empty(total, dtype=dtype, device=device)
+        self.data = torch.zeros(total, dtype=dtype, device=device)
         self.grad = torch.zeros(total, dtype=dtype, device=device)
         self.state: dict[str, Tensor] = {}
         self.scalars: dict[str, Tensor] = {}
@@ -105,7 +119,8 @@ class _Bucket:
         self.ptrs: list[int] = []
 
     def element_view(self, buffer: Tensor, i: int) -> Tensor:
-        return buffer[self.offsets[i]:self.offsets[i + 1]].view(self.params[i].shape)
+        start = self.offsets[i]
+        return buffer[start:start + self.params[i].numel()].view(self.params[i].shape)
 
     def state_buffer(self, key: str, dtype: torch.dtype) -> Tensor:
         if key not in self.state:
@@ -239,7 +254,7 @@ class FlatStorage:
         new_states: list[tuple[dict[str, Any], dict[str, Any]]] = []
         for b in buckets:
             if b.params:
-                torch.cat([p.detach().reshape(-1) for p in b.params], out=b.data)
+                torch._foreach_copy_(b.data_views, [p.detach() for p in b.params])
             for i, p in enumerate(b.params):
                 grad = p.grad
                 if grad is not None and _strided(grad):
@@ -324,10 +339,11 @@ class FlatStorage:
                         raise RuntimeError(
                             f"{type(opt).__name__} does not support sparse gradients "
                             f"({opt._describe_param(p)} has one); nothing was changed")
-                    opt._check_grads([p], [g])  # a copy into the buffer would broadcast or cast
                     adopt.append((p, g, view))
                 plans.append((batch, seg, present))
         if adopt:
+            # in bulk, before any copy: a copy into the buffer would broadcast or cast a misfit
+            opt._check_grads([p for p, _, _ in adopt], [g for _, g, _ in adopt])
             torch._foreach_copy_([v for _, _, v in adopt], [g for _, g, _ in adopt])
             for p, _, view in adopt:
                 p.grad = view

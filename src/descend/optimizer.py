@@ -33,6 +33,8 @@ A rule is a subclass that declares
 from __future__ import annotations
 
 import itertools
+import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -53,6 +55,9 @@ NONFINITE_MODES = ("ignore", "skip", "raise")
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 #: the terms of a batch before "regularize before" (frozen, so one object serves every batch)
 NO_TERMS = KernelTerms()
+
+
+_deref = weakref.ref.__call__
 
 
 def initial_base_lr(group: dict[str, Any]) -> float:
@@ -338,7 +343,17 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(grad)
                 states.append(state)
-            shapes = self._check_grads(params, grads) if params else []
+            entry = verified.get(id(group))
+            same_grads = (entry is not None and entry.grads is not None and len(grads) == len(entry.grads)
+                          and not dispatch.compiling() and all(map(operator.is_, grads, map(_deref, entry.grads))))
+            if same_grads:
+                # the very gradient objects of a checked step (weakly held, so that zero_grad() frees
+                # them): only a parameter's shape can have changed
+                shapes = list(map(SHAPE, params))
+                if shapes != entry.shapes:  # type: ignore[union-attr]
+                    shapes = self._check_grads(params, grads)
+            else:
+                shapes = self._check_grads(params, grads) if params else []
             if bulk and params:
                 values = list(itertools.chain.from_iterable(map(dict.values, states)))
                 ptrs = list(map(Tensor.data_ptr, params))
@@ -351,6 +366,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                     entry = dispatch.Verified(params, ptrs, values)
                     entry.shapes = shapes  # p.data = p.data[:2] keeps the pointer: the shape tells
                 entry.current = params
+                if not same_grads or entry.grads is None:
+                    entry.grads = list(map(weakref.ref, grads))
                 self._verified[id(group)] = entry
             if params:
                 batch.implementation = self._implementation(batch)

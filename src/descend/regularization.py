@@ -342,6 +342,8 @@ def prox_l1_foreach_(params: list[Tensor], threshold: float) -> None:
     torch has no multi-tensor soft-threshold; a foreach clamp-and-subtract would read and
     write θ three times and allocate a copy, so one in-place :func:`prox_l1_` per tensor
     costs less on all but the smallest tensors (and flat storage makes it a single call)."""
+    if threshold == 0:
+        return
     for param in params:
         prox_l1_(param, threshold)
 
