@@ -263,7 +263,9 @@ def test_mixed_dtypes_get_one_buffer_each() -> None:
             sum((p.double() ** 2).sum() for p in params).backward()
             o.step()
     assert _storages([a]) == _storages([c]) != _storages([b])
-    assert max_abs_diff([a, c], twins[::2]) == 0.0 and max_abs_diff([b], [twins[1]]) <= 1e-6
+    # to rounding, not bit for bit: the fused kernel takes its SIMD body (with fused multiply-adds)
+    # over a padded flat slot where, on a lone 4- or 2-element tensor, it takes its scalar tail
+    assert max_abs_diff([a, c], twins[::2]) <= 1e-15 and max_abs_diff([b], [twins[1]]) <= 1e-6
 
 
 def test_complex_parameters() -> None:

@@ -100,7 +100,10 @@ class _Bucket:
     order in which parameters were listed. With every slot a multiple of 64 elements (a whole
     number of cache lines and vectors for every dtype) a run of slots has no tail: each element
     takes the same path wherever it lies. The zeros stay zero under every rule (zero gradient,
-    zero state) and every decay mode."""
+    zero state) and every decay mode. The price: on the fused path, flat and non-flat storage
+    agree to rounding rather than bit for bit, since the elements that a lone tensor's kernel
+    computes in its scalar tail are computed by the SIMD body here (foreach and the reference
+    use no fused multiply-adds and stay bit-identical)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> None:
         self.device, self.dtype, self.params = device, dtype, params
