@@ -108,6 +108,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     _tensor_lr_paths: tuple[str, ...] = ()
     #: whether the rule steps complex parameters (refused in add_param_group otherwise)
     _steps_complex: bool = True
+    #: whether the rule takes sparse gradients (SparseAdam); every other rule refuses them
+    _sparse_grads: bool = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore",
                  warn: bool = True, flat: bool = False) -> None:
@@ -329,7 +331,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue  # as in torch.optim: a parameter without gradient is not touched
-                if grad.is_sparse:
+                if grad.is_sparse and not self._sparse_grads:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients "
                         f"({self._describe_param(p)} has one); nothing was changed"
