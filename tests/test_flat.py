@@ -69,10 +69,13 @@ def test_flat_equals_non_flat_and_the_reference(cls: type, kw: dict, set_to_none
     assert opt.flat
     assert max_abs_diff(flat, reference) <= 1e-12
     assert max_abs_diff(flat, default) <= 1e-12
-    for flags in ({"foreach": False}, {"foreach": True}):  # the same kernels on the same elements: bit for bit
+    # The same kernels on the same elements, to rounding: a flat run steps consecutive parameters
+    # as one tensor, so a parameter's last elements fall in a kernel's SIMD body rather than its
+    # scalar tail, and on CPUs where the two round differently (AVX-512's FMA) the last bits differ.
+    for flags in ({"foreach": False}, {"foreach": True}):
         a, _ = run(lambda p, f=flags: cls(p, flat=True, **f, **kw), set_to_none=set_to_none, steps=12)
         b, _ = run(lambda p, f=flags: cls(p, **f, **kw), set_to_none=set_to_none, steps=12)
-        assert max_abs_diff(a, b) == 0.0, flags
+        assert max_abs_diff(a, b) <= 1e-14, flags
 
 
 def test_float32_flat_equals_non_flat() -> None:

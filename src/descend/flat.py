@@ -77,7 +77,7 @@ def check_flat_params(optimizer: RegularizedOptimizer) -> None:
                          f"per element nor one per parameter (allowed: flat=True with element-wise rules)")
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if type(p) not in _PLAIN or p.layout != torch.strided or p.is_quantized or p.device.type == "meta":
+            if type(p) not in _PLAIN or p.layout != torch.strided or p.is_quantized:
                 raise ValueError(
                     f"Invalid flat=True for {optimizer._describe_param(p)} of type {type(p).__name__} and layout "
                     f"{p.layout} (allowed: flat=True only with dense tensors or nn.Parameter)")

@@ -45,7 +45,16 @@ from torch import Tensor
 from descend import dispatch, regularization
 from descend.regularization import Absorbs, KernelTerms
 from descend.state import SCALAR, StateSpec
-from descend.tensors import DTYPE, IS_CPU, SHAPE, all_finite, by_device_and_dtype, is_dtensor, norm_dtype
+from descend.tensors import (
+    DTYPE,
+    IS_CPU,
+    SHAPE,
+    all_finite,
+    by_device_and_dtype,
+    is_dtensor,
+    norm_dtype,
+    sharded_nonfinite,
+)
 from descend.validation import check_flag, check_number, invalid, scalar_value
 
 if TYPE_CHECKING:
@@ -80,6 +89,10 @@ class GroupBatch:
     terms: KernelTerms = field(default_factory=KernelTerms)
     #: per-parameter values a rule's ``_inspect`` took from θ before decay
     inspected: list[Any] = field(default_factory=list)
+    #: for a fused kernel that takes them (``_amp_fused``): the scale the gradients still carry
+    #: (GradScaler's), and a device flag, nonzero where the step must change nothing
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
 
     def state_list(self, key: str) -> list[Any]:
         return [s.get(key) for s in self.states]
@@ -89,7 +102,8 @@ class GroupBatch:
         pick = list(itertools.compress(range(len(self.params)), chosen))
         return GroupBatch(self.group, [self.params[i] for i in pick], [self.grads[i] for i in pick],
                           [self.states[i] for i in pick], implementation=self.implementation, terms=self.terms,
-                          inspected=[self.inspected[i] for i in pick] if self.inspected else [])
+                          inspected=[self.inspected[i] for i in pick] if self.inspected else [],
+                          grad_scale=self.grad_scale, found_inf=self.found_inf)
 
 
 class RegularizedOptimizer(torch.optim.Optimizer):
@@ -110,6 +124,14 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     _steps_complex: bool = True
     #: whether the rule takes sparse gradients (SparseAdam); every other rule refuses them
     _sparse_grads: bool = False
+    #: whether the rule's fused kernel unscales gradients and skips on a device flag itself
+    #: (``batch.grad_scale``, ``batch.found_inf``), as torch's fused SGD and Adam kernels do
+    _amp_fused: bool = False
+    #: GradScaler's contract: it sets ``grad_scale`` and ``found_inf`` on the optimizer and calls
+    #: ``step()`` without unscaling or reading ``found_inf`` itself. A fused kernel that takes
+    #: them does both on the device; every other path unscales the gradients in place and skips
+    #: the step on one host read, as GradScaler would (:meth:`_unscale`).
+    _step_supports_amp_scaling: bool = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore",
                  warn: bool = True, flat: bool = False) -> None:
@@ -213,7 +235,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             # option, and loaded groups must keep exactly the keys they were saved with
             self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("nonfinite", "ignore")
-        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_skipped", self.__dict__.pop("skipped_steps", 0))
         self.__dict__.setdefault("warn", True)
         for group in self.param_groups:
             self._fill_group(group)
@@ -236,6 +258,19 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             group["base_lr"] = scalar_value(group.get("initial_lr", group["lr"])) * float(group.get("lr_scale", 1.0))
 
     # --- state dicts -------------------------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``nonfinite="skip"`` skipped. A skip decided on the device (fused
+        kernels) is counted there, and read only here."""
+        counts = self.__dict__.get("_skipped_on_device")
+        extra = sum(int(c.item()) for c in counts.values()) if counts else 0
+        return int(self.__dict__.get("_skipped", 0)) + extra
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.__dict__["_skipped"] = int(value)
+        self.__dict__.pop("_skipped_on_device", None)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -396,9 +431,9 @@ class RegularizedOptimizer(torch.optim.Optimizer):
 
     def _grads_are_finite(self, batches: list[GroupBatch]) -> bool:
         grads = [g for b in batches for g in b.grads]
-        # a sharded (DTensor) gradient is checked over all shards, so that every rank agrees;
-        # all of them, in order, since each check is a collective every rank must run
-        sharded = [all_finite(g) for g in grads if is_dtensor(g)]
+        # sharded (DTensor) gradients are checked over all shards, so that every rank agrees
+        # (one collective for all of them, which every rank runs)
+        sharded_flag = sharded_nonfinite([g for g in grads if is_dtensor(g)])
         # (an empty tensor is finite, and has no infinity norm: _foreach_norm would raise)
         plain = [g for g in grads if g.numel() and not is_dtensor(g)]
         # One read of each gradient: a 2-norm is finite only if every entry is (NaN and ±inf
@@ -410,7 +445,47 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         finite = not norms or bool(torch.stack([f.cpu() for f in norms]).all())
         if not finite:
             finite = all(all_finite(g) for g in plain)
-        return all(sharded) and finite
+        return (sharded_flag is None or not bool(sharded_flag.item())) and finite
+
+    def _kernels_take_found_inf(self, batches: list[GroupBatch]) -> bool:
+        """Whether every batch of this step runs a fused kernel that unscales and skips on the
+        device, with nothing of the decay plan left outside it (a shrink, a coupled term or a
+        prox applied around the kernel would still happen on a skipped step)."""
+        stepped = [b for b in batches if b.params]
+        if not (self._amp_fused and stepped) or any(b.implementation != "fused" for b in stepped):
+            return False
+        absorbs = self._absorbs.get("fused", regularization.NOTHING)
+        return all(regularization.plan(b.group, b.group["lr"]).applied_by(absorbs, maximize=b.group["maximize"])
+                   for b in stepped)
+
+    def _count_nonfinite_on_device(self, batches: list[GroupBatch], found_inf: Tensor | None) -> Tensor:
+        """``nonfinite="skip"`` without a host read: a device flag, 1 where some gradient
+        holds a NaN or an infinity (its infinity norm is then NaN or inf: max propagates
+        NaN and never overflows), merged with GradScaler's and counted on the device."""
+        sharded = [g for b in batches for g in b.grads if is_dtensor(g)]
+        grads = [g for b in batches for g in b.grads if g.numel() and not is_dtensor(g)]
+        flags = [torch.stack(torch._foreach_norm(gs, float("inf"), dtype=norm_dtype(gs[0]))).isfinite().all()
+                 .logical_not().float() for gs in by_device_and_dtype(grads)]
+        sharded_flag = sharded_nonfinite(sharded)
+        if sharded_flag is not None:
+            flags.append(sharded_flag)
+        flag = flags[0] if flags else torch.zeros((), device=batches[0].params[0].device)
+        for f in flags[1:]:
+            flag = torch.maximum(flag, f.to(flag.device))
+        # a step GradScaler skips (its scaled loss overflowed) is its skip, not the guard's
+        counted = flag if found_inf is None else flag * (found_inf.to(flag.device) == 0)
+        counts: dict[torch.device, Tensor] = self.__dict__.setdefault("_skipped_on_device", {})
+        counts[flag.device] = counts[flag.device] + counted if flag.device in counts else counted.clone()
+        if found_inf is not None:
+            flag = torch.maximum(flag, found_inf.to(flag.device).float())
+        return flag
+
+    def _unscale(self, batches: list[GroupBatch], grad_scale: Tensor) -> None:
+        """GradScaler's scale taken out of the gradients, in place, for a path whose kernel does
+        not take it: by the float32 inverse of the scale, as ``GradScaler.unscale_`` would."""
+        inverse = grad_scale.double().reciprocal().float()
+        for grads in by_device_and_dtype([g for b in batches for g in b.grads]):
+            torch._foreach_mul_(grads, inverse.to(grads[0].device))
 
     def _first_nonfinite(self, batches: list[GroupBatch]) -> Tensor:
         for b in batches:
@@ -432,7 +507,18 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batches = self._prepare()
         flat = self._flat_storage()
-        if self.nonfinite != "ignore" and not self._grads_are_finite(batches):
+        grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
+        scaled = grad_scale is not None or found_inf is not None  # GradScaler's step
+        fused_skips = (scaled or self.nonfinite == "skip") and self._kernels_take_found_inf(batches)
+        # (a first step that is skipped must make no state: that takes the host's decision)
+        skip_on_device = self.nonfinite == "skip" and fused_skips and not any(
+            b.new or any(run.new for run in getattr(b, "runs", ())) for b in batches)
+        scaler_on_host = scaled and not (fused_skips and (self.nonfinite == "ignore" or skip_on_device))
+        if scaler_on_host and found_inf is not None and bool(found_inf.item()):
+            return loss  # GradScaler's skip (the scaled loss overflowed), not the guard's
+        if skip_on_device:
+            found_inf = self._count_nonfinite_on_device(batches, found_inf)
+        elif self.nonfinite != "ignore" and not self._grads_are_finite(batches):
             if self.nonfinite == "raise":
                 first = flat.first_nonfinite(batches) if flat is not None else self._first_nonfinite(batches)
                 culprit = self._describe_param(first)
@@ -440,6 +526,12 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                     f"non-finite gradient in {culprit}; nothing was changed (nonfinite='raise')")
             self.skipped_steps += 1
             return loss
+        if scaler_on_host:
+            if grad_scale is not None:
+                self._unscale(batches, grad_scale)
+        elif fused_skips and (scaled or skip_on_device):
+            for batch in batches:
+                batch.grad_scale, batch.found_inf = grad_scale, found_inf
         for batch in batches:
             if batch.params:
                 self._run_update(batch)

@@ -209,6 +209,13 @@ class DecayPlan:
     def shrinks(self) -> bool:
         return isinstance(self.factor, Tensor) or self.factor != 1.0
 
+    def applied_by(self, absorbs: Absorbs, *, maximize: bool) -> bool:
+        """Whether a kernel that ``absorbs`` these terms applies all of this plan itself, so
+        that nothing is done around it (what a kernel that skips a step on a device flag needs)."""
+        return ((not maximize or absorbs.maximize) and self.grad_l1 == 0 and self.threshold == 0
+                and (self.grad_weight_decay == 0 or absorbs.coupled)
+                and (not self.shrinks or (absorbs.decoupled and self.kernel_coefficient is not None)))
+
 
 def plan(group: dict[str, Any], lr: float | Tensor | None = None) -> DecayPlan:
     """The :class:`DecayPlan` of a group at its current lr (or at ``lr``, the lr as the

@@ -44,6 +44,31 @@ def all_finite(t: Tensor) -> bool:
     return bool(full() if full is not None else flag)
 
 
+def sharded_nonfinite(grads: list[Tensor]) -> Tensor | None:
+    """For DTensor gradients: a float flag, 1 where an entry of some shard on some rank is
+    NaN or infinite, else 0, the same on every rank; None for no gradients. Each shard is
+    checked locally, and one all-reduce per device mesh dimension combines the answers (a
+    check per gradient would be one collective per gradient). Never read on the host here."""
+    if not grads:
+        return None
+    import torch.distributed as dist
+
+    by_mesh: dict[int, tuple[Any, list[Tensor]]] = {}
+    for g in grads:
+        by_mesh.setdefault(id(g.device_mesh), (g.device_mesh, []))[1].append(g)  # type: ignore[attr-defined]
+    flags = []
+    for mesh, gs in by_mesh.values():
+        local = [g.to_local() for g in gs]  # type: ignore[attr-defined]
+        flag = torch.stack([torch.isfinite(t).all() for t in local]).all().logical_not().float()
+        for dim in range(mesh.ndim):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        flags.append(flag)
+    result = flags[0]
+    for f in flags[1:]:
+        result = torch.maximum(result, f.to(result.device))
+    return result
+
+
 def grouped_by_device_and_dtype(lists: list[list[Any]]) -> list[tuple[list[list[Any]], list[int]]]:
     """torch's grouping of parallel tensor lists by (device, dtype) of the first list, as
     plain lists, with the indices of each bucket's entries in the input lists."""

@@ -46,8 +46,11 @@ def _amsgrad(param: Tensor, group: dict[str, Any]) -> bool:
 
 
 STATE = StateSpec((
-    # float32 on the parameter's device, as torch's fused Adam keeps it
-    Entry("step", SCALAR, low=0),
+    # float32 on the host, as torch keeps it for its foreach and for-loop steps: their bias
+    # corrections are host numbers, and a count on the device would be read back (a host-device
+    # sync) for every parameter at every step. A fused step moves it to θ's device once (its
+    # kernel reads the count there), and a non-fused step moves such a count back once.
+    Entry("step", SCALAR, low=0, device="cpu"),
     Entry("exp_avg"),
     Entry("exp_avg_sq", low=0),
     # made when amsgrad is on; a group that switches it on later starts it from v
@@ -72,18 +75,25 @@ def adam(
     weight_decay: float = 0.0,
     decoupled: bool = False,
     implementation: str = "single",
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional Adam over lists of tensors (the rule alone: regularization is the pipeline's;
     state updated in place; ``steps`` are float32 scalar tensors, incremented here).
-    ``maximize`` and ``weight_decay`` (coupled, or ``decoupled``) are the fused kernels' own terms."""
+    ``maximize`` and ``weight_decay`` (coupled, or ``decoupled``) are the fused kernels' own terms,
+    and so are ``grad_scale`` (the gradients are divided by it) and ``found_inf`` (where nonzero,
+    nothing changes, step counts included), which only the fused form takes."""
+    if implementation != "fused" and (grad_scale is not None or found_inf is not None):
+        raise ValueError("grad_scale and found_inf are the fused kernels' (other forms: unscale and skip first)")
     impl = {"single": _single_tensor_adam, "foreach": _multi_tensor_adam, "fused": _fused_adam}[implementation]
     if isinstance(lr, Tensor) and lr.dim() != 0:
         lr = lr.reshape(())  # a 1-element tensor lr, as a scalar (same value and dtype)
     # A tensor lr stays a tensor where torch keeps it one (its step size is then computed in the
     # tensor's dtype, float32 for torch.tensor(0.01)): parity includes that rounding.
+    extra = dict(grad_scale=grad_scale, found_inf=found_inf) if implementation == "fused" else {}
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
          beta2=float(beta2), eps=eps, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay,
-         decoupled=decoupled)
+         decoupled=decoupled, **extra)
 
 
 def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -161,9 +171,12 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
 def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
                 lr: float | Tensor, beta1: float, beta2: float, eps: float, amsgrad: bool, maximize: bool,
-                weight_decay: float, decoupled: bool) -> None:
+                weight_decay: float, decoupled: bool, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None) -> None:
     """torch's fused kernels: Adam's, whose ``weight_decay`` is coupled, or AdamW's, whose
-    ``weight_decay`` c multiplies θ by 1 − lr·c (every decoupled mode, with c from the plan)."""
+    ``weight_decay`` c multiplies θ by 1 − lr·c (every decoupled mode, with c from the plan).
+    The kernel divides the gradients by ``grad_scale`` and changes nothing where ``found_inf``
+    is nonzero; the step counts it was handed already advanced are taken back by the flag."""
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     lists: list[list[Any]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     if amsgrad:
@@ -171,9 +184,14 @@ def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     for tensors, _ in grouped_by_device_and_dtype(lists):
         p, g, m, v, t = tensors[:5]
         vmax = tensors[5] if amsgrad else []
+        device = p[0].device
+        scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
+        skip = found_inf.to(device, non_blocking=True) if found_inf is not None else None
         torch._foreach_add_(t, 1)
         kernel(p, g, m, v, vmax, t, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
-               weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=None, found_inf=None)
+               weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=scale, found_inf=skip)
+        if skip is not None:
+            torch._foreach_sub_(t, [skip] * len(t))
 
 
 def check_betas(betas: Any) -> None:
@@ -208,6 +226,7 @@ class Adam(RegularizedOptimizer):
     state_spec = STATE
     _absorbs = {"fused": Absorbs(maximize=True, coupled=True, decoupled=True)}
     _tensor_lr_paths = ("single", "fused")
+    _amp_fused = True
     _group_keys = ("betas", "eps", "amsgrad")
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -229,20 +248,26 @@ class Adam(RegularizedOptimizer):
             for state in batch.states:
                 if "max_exp_avg_sq" not in state:  # amsgrad switched on later
                     state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+        steps = batch.state_list("step")
         if implementation == "fused":
-            # torch's load_state_dict leaves step counts on the CPU; fused kernels want them
-            # on the parameter's device (compared in bulk: .device builds an object per call)
-            steps = batch.state_list("step")
+            # fused kernels read the counts on the parameter's device (compared in bulk: .device
+            # builds an object per call)
             if not (all(map(IS_CPU, batch.params)) and all(map(IS_CPU, steps))):
                 for p, state in zip(batch.params, batch.states, strict=True):
                     if state["step"].device != p.device:
                         state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        elif not dispatch.compiling() and not all(map(IS_CPU, steps)):
+            # counts a fused step (or a capturable torch.optim) left on a device: back to the host
+            # once, rather than one read per parameter at every step from now on
+            for state in batch.states:
+                if not state["step"].is_cpu:
+                    state["step"] = state["step"].to(device="cpu", dtype=torch.float32)
         beta1, beta2 = group["betas"]
         adam(batch.params, batch.grads, batch.state_list("exp_avg"), batch.state_list("exp_avg_sq"),
              batch.state_list("max_exp_avg_sq") if group["amsgrad"] else [], batch.state_list("step"),
              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], amsgrad=group["amsgrad"],
              maximize=batch.terms.maximize, weight_decay=batch.terms.weight_decay, decoupled=batch.terms.decoupled,
-             implementation=implementation)
+             implementation=implementation, grad_scale=batch.grad_scale, found_inf=batch.found_inf)
 
 
 class AdamW(Adam):

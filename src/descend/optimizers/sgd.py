@@ -43,15 +43,20 @@ STATE = StateSpec((Entry("momentum_buffer", init=None, required=False, none_allo
 
 def sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float,
         momentum: float, dampening: float, nesterov: bool, maximize: bool = False, weight_decay: float = 0.0,
-        implementation: str = "single") -> None:
+        implementation: str = "single", grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """Functional SGD over lists of tensors (the rule alone: regularization is the pipeline's);
     new momentum buffers are written into ``momentum_buffers`` (one entry per parameter when
-    momentum ≠ 0). ``maximize`` and ``weight_decay`` (coupled) are the fused kernel's own terms."""
+    momentum ≠ 0). ``maximize`` and ``weight_decay`` (coupled) are the fused kernel's own terms,
+    and so are ``grad_scale`` (the gradients are divided by it) and ``found_inf`` (where nonzero,
+    nothing changes), which only the fused form takes."""
+    if implementation != "fused" and (grad_scale is not None or found_inf is not None):
+        raise ValueError("grad_scale and found_inf are the fused kernel's (other forms: unscale and skip first)")
+    extra = dict(grad_scale=grad_scale, found_inf=found_inf) if implementation == "fused" else {}
     impl = {"single": _single_tensor_sgd, "foreach": _multi_tensor_sgd, "fused": _fused_sgd}[implementation]
     if not (implementation == "foreach" and isinstance(lr, Tensor) and dispatch.compiling()):
         lr = float(lr)  # (traced, a tensor lr stays one: float() of it would break the graph)
     impl(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-         nesterov=nesterov, maximize=maximize, weight_decay=weight_decay)
+         nesterov=nesterov, maximize=maximize, weight_decay=weight_decay, **extra)
 
 
 def _single_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
@@ -104,15 +109,20 @@ def _multi_tensor_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffer
 
 def _fused_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
                lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-               weight_decay: float) -> None:
+               weight_decay: float, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """torch's fused SGD kernel, which negates the gradient (``maximize``) and adds the coupled
-    ``weight_decay`` term itself."""
+    ``weight_decay`` term itself, divides the gradients by ``grad_scale`` and changes nothing
+    where ``found_inf`` is nonzero. A momentum buffer made for a first step that such a flag
+    skips is zeros (torch's is left uninitialised): the next step then takes (1 − dampening)·g."""
     lists: list[list[Any]] = [params, grads, momentum_buffers] if momentum != 0 else [params, grads]
     for tensors, indices in grouped_by_device_and_dtype(lists):
         device_params: list[Tensor] = tensors[0]
         device_grads: list[Tensor] = tensors[1]
-        options: dict[str, Any] = dict(weight_decay=weight_decay, momentum=momentum, lr=lr,
-                                       dampening=dampening, nesterov=nesterov, maximize=maximize)
+        device = device_params[0].device
+        options: dict[str, Any] = dict(
+            weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov,
+            maximize=maximize, grad_scale=grad_scale.to(device, non_blocking=True) if grad_scale is not None else None,
+            found_inf=found_inf.to(device, non_blocking=True) if found_inf is not None else None)
         if momentum == 0:
             torch._fused_sgd_(device_params, device_grads, [], is_first_step=False, **options)
             continue
@@ -123,8 +133,9 @@ def _fused_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
             if not chosen:
                 continue
             if first:
+                new_buffer = torch.empty_like if found_inf is None else torch.zeros_like
                 for j in chosen:
-                    momentum_buffers[indices[j]] = torch.empty_like(device_grads[j])
+                    momentum_buffers[indices[j]] = new_buffer(device_grads[j])
             bufs = [momentum_buffers[indices[j]] for j in chosen]
             torch._fused_sgd_([device_params[j] for j in chosen], [device_grads[j] for j in chosen],
                               bufs, is_first_step=first, **options)  # type: ignore[arg-type]
@@ -159,6 +170,7 @@ class SGD(RegularizedOptimizer):
 
     state_spec = STATE
     _absorbs = {"fused": Absorbs(maximize=True, coupled=True)}
+    _amp_fused = True
     _group_keys = ("momentum", "dampening", "nesterov")
     # torch 2.13's fused SGD on the CPU leaves whole SIMD blocks of 16-bit parameters
     # unchanged (seen in tests/test_properties.py): those take the foreach path instead
@@ -188,7 +200,7 @@ class SGD(RegularizedOptimizer):
         bufs = batch.state_list("momentum_buffer") if momentum != 0 else []
         sgd(batch.params, batch.grads, bufs, lr=group["lr"], momentum=momentum, dampening=group["dampening"],
             nesterov=group["nesterov"], maximize=terms.maximize, weight_decay=terms.weight_decay,
-            implementation=implementation)
+            implementation=implementation, grad_scale=batch.grad_scale, found_inf=batch.found_inf)
         if momentum != 0:
             for state, buf in zip(batch.states, bufs, strict=True):
                 state["momentum_buffer"] = buf

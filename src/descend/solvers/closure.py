@@ -515,6 +515,9 @@ class ClosureSolver(RegularizedOptimizer):
     DTensor (FSDP2) parameters the loss is averaged over their device mesh without it.
     """
 
+    #: GradScaler unscales and reads found_inf itself (a closure solver re-evaluates the loss)
+    _step_supports_amp_scaling = False
+
     _fast_paths: tuple[str, ...] = ()
     #: options every group must share
     _shared: tuple[str, ...] = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",

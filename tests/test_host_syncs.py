@@ -1,0 +1,239 @@
+"""No device value read on the host during a step, and GradScaler's fused path.
+
+On a GPU, reading a device value (``.item()``, ``bool()``, ``.cpu()``) makes the host wait for
+the device. Two ways to see such reads without a GPU:
+
+- parameters on the meta device have no data, so any read raises: every path that steps on
+  meta parameters reads nothing (torch's own foreach AdamW steps there);
+- a dispatch mode counts ``aten._local_scalar_dense`` (what every read of a tensor's value
+  into a Python number becomes) during a step on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import descend
+
+
+class _CountReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def counting_reads() -> Iterator[_CountReads]:
+    with _CountReads() as mode:
+        yield mode
+
+
+def meta_params() -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.empty(3, 4, device="meta")), torch.nn.Parameter(torch.empty(5, device="meta")),
+              torch.nn.Parameter(torch.empty(0, device="meta"))]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    return params
+
+
+def two_steps(make: Callable[..., torch.optim.Optimizer], **kw: Any) -> torch.optim.Optimizer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (implausible-decay warnings of the settings below)
+        opt = make(meta_params(), **kw)
+    opt.step()
+    opt.step()
+    return opt
+
+
+def test_torch_foreach_adamw_steps_on_meta_parameters() -> None:
+    """The premise: where this runs, descend's paths must run too."""
+    two_steps(torch.optim.AdamW, foreach=True)
+
+
+PATHS = {
+    "default": {},
+    "foreach": dict(foreach=True),
+    "single": dict(foreach=False),
+    "flat": dict(flat=True),
+    "tensor-lr": dict(lr=torch.tensor(0.01)),
+    "tensor-lr-foreach": dict(lr=torch.tensor(0.01), foreach=True),
+    "l1": dict(l1=1e-3),
+    "l1-foreach": dict(l1=1e-3, foreach=True),
+    **{f"decay-{mode}": dict(decay=mode, weight_decay=1e-3) for mode in descend.DECAY_MODES},
+}
+RULES = {
+    "AdamW": descend.AdamW,
+    "Adam": descend.Adam,
+    "Adam-amsgrad": lambda p, **kw: descend.Adam(p, amsgrad=True, **kw),
+    "SGD": lambda p, **kw: descend.SGD(p, lr=kw.pop("lr", 0.1), momentum=0.9, **kw),
+    "Lion": descend.Lion,
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rule", RULES)
+def test_every_path_steps_on_meta_parameters(rule: str, path: str) -> None:
+    opt = two_steps(RULES[rule], **PATHS[path])
+    if rule.startswith("Adam"):
+        steps = [s["step"] for s in opt.state.values()]
+        assert steps and all(t.device.type == "cpu" for t in steps)  # counts kept on the host, as torch's
+
+
+def cpu_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+
+
+def backward(model: torch.nn.Module, step: int, scaler: torch.amp.GradScaler | None = None) -> None:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 6, generator=g)
+    loss = model(x).pow(2).mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+FUSED = {
+    "AdamW": lambda p, **kw: descend.AdamW(p, lr=1e-2, fused=True, **kw),
+    "Adam-l2": lambda p, **kw: descend.Adam(p, lr=1e-2, weight_decay=0.1, fused=True, **kw),
+    "AdamW-independent": lambda p, **kw: descend.AdamW(p, lr=1e-2, decay="independent", weight_decay=1e-3,
+                                                       fused=True, **kw),
+    "SGD": lambda p, **kw: descend.SGD(p, lr=1e-2, momentum=0.9, weight_decay=1e-3, fused=True, **kw),
+    "SGD-default": lambda p, **kw: descend.SGD(p, lr=1e-2, momentum=0.9, **kw),
+    "AdamW-default": lambda p, **kw: descend.AdamW(p, lr=1e-2, **kw),
+}
+
+
+@pytest.mark.parametrize("rule", FUSED)
+def test_a_fused_step_reads_nothing_on_the_host(rule: str) -> None:
+    model = cpu_model()
+    opt = FUSED[rule](model.parameters())
+    backward(model, 0)
+    opt.step()  # (the first step makes state)
+    for step in range(1, 3):
+        opt.zero_grad()
+        backward(model, step)
+        with counting_reads() as mode:
+            opt.step()
+        assert mode.reads == 0
+
+
+@pytest.mark.parametrize("rule", FUSED)
+def test_nonfinite_skip_decides_on_the_device_in_fused_steps(rule: str) -> None:
+    model, plain = cpu_model(), cpu_model()
+    opt = FUSED[rule](model.parameters(), nonfinite="skip")
+    ref = FUSED[rule](plain.parameters())
+    for step in range(5):
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            backward(m, step)
+        if step == 2:  # a NaN: descend skips; the reference simply does not step
+            model[0].weight.grad[1, 1] = float("nan")
+            before = [p.detach().clone() for p in model.parameters()]
+            state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+            with counting_reads() as mode:
+                opt.step()
+            assert mode.reads == 0
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            after = {k: v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+            assert all(torch.equal(state[k], after[k]) for k in state)
+            continue
+        with counting_reads() as mode:
+            opt.step()
+        assert mode.reads == (0 if step else mode.reads)  # (a first step may read: it must make no state on a skip)
+        ref.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def scaled_run(make: Callable[..., torch.optim.Optimizer], *, steps: int = 7, inf_at: int = 3,
+               count: bool = False) -> tuple[list[torch.Tensor], torch.optim.Optimizer, int]:
+    model = cpu_model()
+    opt = make(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    reads = 0
+    for step in range(steps):
+        opt.zero_grad()
+        backward(model, step, scaler)  # (the scale is a power of 2: exact)
+        if step == inf_at:
+            model[2].weight.grad[0, 3] = float("inf")
+        with counting_reads() as mode:
+            scaler.step(opt)
+        reads += mode.reads if step else 0
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()], opt, reads
+
+
+SCALED = {
+    "AdamW": (dict(lr=1e-2), {}),
+    "Adam": (dict(lr=1e-2, weight_decay=0.1), {}),
+    "Adam-amsgrad-maximize": (dict(lr=1e-2, amsgrad=True, maximize=True), {}),
+    "SGD": (dict(lr=1e-2, momentum=0.9, weight_decay=1e-3), {}),
+    "SGD-nesterov": (dict(lr=1e-2, momentum=0.9, nesterov=True), {}),
+    "SGD-plain": (dict(lr=1e-2), {}),
+}
+
+
+@pytest.mark.parametrize("name", SCALED)
+@pytest.mark.parametrize("impl", ["fused", "foreach", "single"])
+def test_grad_scaler_equals_torch_bit_for_bit(name: str, impl: str) -> None:
+    """GradScaler hands descend's fused kernels its scale and its found_inf (no host-side
+    unscale, no host read); the other paths unscale and skip as GradScaler does for torch's."""
+    kw, _ = SCALED[name]
+    cls = name.split("-")[0]
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single": dict(foreach=False)}[impl]
+    theirs, topt, _ = scaled_run(lambda p: getattr(torch.optim, cls)(p, **kw, **flags))
+    ours, dopt, reads = scaled_run(lambda p: getattr(descend, cls)(p, **kw, **flags))
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    for p_t, p_d in zip(topt.param_groups[0]["params"], dopt.param_groups[0]["params"]):
+        for key, value in topt.state[p_t].items():
+            assert torch.equal(value.cpu(), dopt.state[p_d][key].cpu()), key
+    if impl == "fused":
+        assert reads == 0
+        if cls != "SGD":  # the skipped step did not advance the counts
+            assert all(float(s["step"]) == 6 for s in dopt.state.values())
+
+
+def test_grad_scaler_with_l1_takes_the_host_path_and_skips_the_overflowed_step() -> None:
+    """L1's prox runs outside the kernel, so the skip is decided on the host: the overflowed
+    step changes nothing, and the other steps equal the unscaled run."""
+    scaled, opt, _ = scaled_run(lambda p: descend.AdamW(p, lr=1e-2, l1=1e-3, fused=True), steps=5, inf_at=4)
+    model = cpu_model()
+    plain = descend.AdamW(model.parameters(), lr=1e-2, l1=1e-3, fused=True)
+    for step in range(4):
+        plain.zero_grad()
+        backward(model, step)
+        plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(scaled, model.parameters()))
+    assert all(float(s["step"]) == 4 for s in opt.state.values())
+
+
+def test_grad_scaler_after_unscale_for_clipping() -> None:
+    """``scaler.unscale_(opt)`` before the step (gradient clipping): the kernel gets no scale,
+    only found_inf; the run equals torch's fused AdamW under the same calls."""
+    def run(make: Callable[..., torch.optim.Optimizer]) -> list[torch.Tensor]:
+        model = cpu_model()
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for step in range(4):
+            opt.zero_grad()
+            backward(model, step, scaler)
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()]
+
+    theirs = run(lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True))
+    ours = run(lambda p: descend.AdamW(p, lr=1e-2, fused=True))
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
