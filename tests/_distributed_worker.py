@@ -615,6 +615,165 @@ def check_closure_dtensor_placements(c: Check) -> None:
         c.within(f"{name}: max |θ_dtensor − θ_plain|", max_abs_diff(out[1], out[0]), TOL64)
 
 
+# --- closure solvers: collectives per reduction (issue 14) ------------------------------------
+# A block of its own: the counting mode and its check. Registered in job_train as
+# "closure/collectives-{LBFGS,CG}".
+
+
+def _collective_kind(func: Any) -> str | None:
+    """"all_reduce", "all_gather", or another collective's name, for a c10d or c10d functional op."""
+    namespace, name = func.namespace, func.__name__.split(".")[0].lstrip("_").replace("allreduce", "all_reduce")
+    if namespace not in ("c10d", "_c10d_functional", "c10d_functional", "_dtensor"):
+        return None
+    name = name.replace("allgather", "all_gather").rstrip("_")
+    if name.startswith("all_reduce"):
+        return "all_reduce"
+    if name.startswith("all_gather"):
+        return "all_gather"
+    other = ("reduce_scatter", "broadcast", "all_to_all", "reduce", "gather", "scatter", "send", "recv")
+    return next((kind for kind in other if name.startswith(kind)), None)  # not waits, barriers, wrappers
+
+
+class CollectiveCounter:
+    """Counts the collectives dispatched while it is on (c10d ops, and the functional ones
+    DTensor uses), per kind, except while ``paused`` (the closure's own forward and backward)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                kind = _collective_kind(func)
+                if kind is not None and not counter.paused:
+                    counter.counts[kind] = counter.counts.get(kind, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.counts: dict[str, int] = {}
+        self.paused = False
+
+
+#: the reductions of descend.solvers.closure: each must cost exactly one collective on DTensors
+_REDUCTIONS = ("dot", "max_abs", "abs_sum")
+
+
+def check_closure_collectives(name: str) -> Callable[[Check], None]:
+    """L-BFGS / CG (2 iterations) on a fully_shard-ed model of 6 parameters: one collective per
+    global reduction of the solver (each dot product, max-abs, abs-sum: one all-reduce over all
+    parameters; each evaluation: one for the loss and the weight-decay penalty together), not
+    one per parameter; and the same result as one process."""
+
+    def run(c: Check) -> None:
+        from descend.solvers import closure as vec
+
+        cls, kw = CLOSURE_SOLVERS[name]
+        kw = {**kw, "max_iter": 2, "max_eval": 10}
+        batch = make_batches(1)[0]
+        x, y = local(batch, RANK, WORLD)
+        model = shard(make_model())
+        opt = cls(model.parameters(), **kw)
+        counter = CollectiveCounter()
+        calls = dict.fromkeys(_REDUCTIONS, 0)
+        evaluations = 0
+
+        def closure() -> Tensor:
+            nonlocal evaluations
+            evaluations += 1
+            counter.paused = True  # FSDP2's own all-gathers and reduce-scatters are not the solver's
+            try:
+                opt.zero_grad()
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+            finally:
+                counter.paused = False
+            return loss
+
+        def counted(fn_name: str) -> Callable[..., Any]:
+            fn = getattr(vec, fn_name)
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                calls[fn_name] += 1
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        originals = {n: getattr(vec, n) for n in _REDUCTIONS}
+        try:
+            for n in _REDUCTIONS:
+                setattr(vec, n, counted(n))
+            with counter.mode:
+                opt.step(closure)
+        finally:
+            for n, fn in originals.items():
+                setattr(vec, n, fn)
+        # per evaluation: the loss, and the weight-decay penalty of the (DTensor) parameters
+        reductions = sum(calls.values()) + evaluations * (2 if kw.get("weight_decay") else 1)
+        params = len(list(model.parameters()))
+        c.info.update(collectives=counter.counts, reduction_calls=calls, evaluations=evaluations,
+                      parameters=params, last_stop=opt.last_stop)
+        total = sum(counter.counts.values())
+        c.expect("one collective per reduction (dot, max-abs, abs-sum; loss, penalty)", total == reductions,
+                 f"{counter.counts} for {calls} and {evaluations} evaluations")
+        c.expect("all-gathers only for the loss (one per evaluation)",
+                 counter.counts.get("all_gather", 0) <= evaluations, counter.counts)
+        ref_model = make_model()
+        ref_opt = cls(ref_model.parameters(), **kw)
+
+        def ref_closure() -> Tensor:
+            ref_opt.zero_grad()
+            loss = F.mse_loss(ref_model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        ref_opt.step(ref_closure)
+        c.within("max |θ_fsdp2 − θ_single|", max_abs_diff(param_dict(model), param_dict(ref_model)), TOL64)
+
+    return run
+
+
+def check_closure_nonfinite_fsdp2(c: Check) -> None:
+    """L-BFGS with nonfinite="skip" on a fully_shard-ed model, a NaN in rank 0's shard only:
+    every rank skips (nothing changes), and the guard costs one collective for all the
+    gradients. Its own process group (a rank that decided alone would block the other in a
+    collective until that group's timeout)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=10))
+    mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("closure-nonfinite",))
+    model = shard(make_model(), mesh=mesh)
+    before = param_dict(model)
+    cls, kw = CLOSURE_SOLVERS["LBFGS"]
+    opt = cls(model.parameters(), nonfinite="skip", **kw)
+    x, y = local(make_batches(1)[0], RANK, WORLD)
+    first = next(iter(model.parameters()))
+    counter = CollectiveCounter()
+
+    def closure() -> Tensor:
+        counter.paused = True
+        try:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            if RANK == 0:
+                first.grad.to_local().view(-1)[0] = float("nan")
+        finally:
+            counter.paused = False
+        return loss
+
+    with counter.mode:
+        opt.step(closure)
+    c.info.update(collectives=counter.counts, last_stop=opt.last_stop)
+    c.expect(f"rank {RANK} skipped", opt.last_stop == "skipped" and opt.skipped_steps == 1,
+             (opt.last_stop, opt.skipped_steps))
+    c.expect("the guard: one all-reduce for all gradients", counter.counts == {"all_reduce": 1}, counter.counts)
+    c.within("parameters changed by", max_abs_diff(param_dict(model), before), 0.0)
+
+
+# --- end of the block: closure solvers' collectives ---------------------------------------
+
+
 # --- distributed checkpoints -------------------------------------------------------------
 
 
@@ -884,6 +1043,8 @@ def job_train(rec: Recorder, shared: Path) -> None:
     rec.run("closure/zero-refused", check_closure_zero)
     rec.run("closure/dtensor-shard-replicate", check_closure_dtensor_placements)
     rec.run("closure/dcp-save-LBFGS", check_closure_dcp_save(shared))
+    for name in CLOSURE_SOLVERS:  # the closure solvers' collectives (issue 14)
+        rec.run(f"closure/collectives-{name}", check_closure_collectives(name))
 
 
 def job_resume(rec: Recorder, shared: Path) -> None:
@@ -896,6 +1057,7 @@ def job_resume(rec: Recorder, shared: Path) -> None:
     rec.run("closure/dcp-resume-LBFGS", check_closure_dcp_resume(shared))
     for mode, group in groups.items():  # last: nothing after them needs the ranks in step
         rec.run(f"fsdp2/nonfinite-{mode}", check_fsdp_nonfinite(mode, group))
+    rec.run("closure/nonfinite-skip-fsdp2", check_closure_nonfinite_fsdp2)  # issue 14: one collective
 
 
 def job_resume1(rec: Recorder, shared: Path) -> None:

@@ -60,12 +60,12 @@ def test_bad_lr_set_on_the_second_group_changes_nothing(cls: type, path: dict, l
     opt, params = _two_groups(cls, **path)
     opt.param_groups[1]["lr"] = lr
     snap = _snapshot(opt, params)
-    with pytest.raises(ValueError, match="Invalid lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.step()
     _unchanged(opt, params, snap)
 
 
-@pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {}], ids=str)
+@pytest.mark.parametrize("path", [{"foreach": False}, {"fused": True}, {}], ids=str)
 def test_one_element_tensor_lr_steps_like_a_scalar(path: dict) -> None:
     a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     descend.Adam([a], lr=torch.tensor([0.1]), **path)

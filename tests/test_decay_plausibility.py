@@ -85,7 +85,7 @@ def test_add_param_group_warns_for_its_own_group() -> None:
 
 
 def test_a_factor_at_or_below_zero_is_refused_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"Invalid weight_decay: 10 .*multiplied by 0;"):
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value: 10 .*multiplied by 0;"):
         descend.AdamW([_param()], lr=0.1, weight_decay=10)
     with pytest.raises(ValueError, match="Invalid weight_decay"):
         descend.SGD([_param()], lr=0.5, weight_decay=2, decay="corrected")

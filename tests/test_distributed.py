@@ -247,3 +247,19 @@ def test_closure_solver_distributed_checkpoint_resumes_in_fresh_ranks(jobs: Jobs
 def test_closure_solvers_on_dtensors_sharded_and_replicated(jobs: Jobs) -> None:
     """Hand-made DTensors (Shard and Replicate), a DTensor loss: the plain-tensor run's result."""
     assert_check(jobs, "train", "train", "closure/dtensor-shard-replicate")
+
+
+# --- closure solvers: collectives per reduction (issue 14) --------------------------------
+
+
+@pytest.mark.parametrize("solver", CLOSURE_SOLVERS)
+def test_closure_solver_on_fsdp2_makes_one_collective_per_reduction(jobs: Jobs, solver: str) -> None:
+    """Counted in a 2-iteration step over the 6 sharded parameters: each dot product, max-abs
+    and abs-sum is one all-reduce for all parameters; each evaluation one all-gather for the
+    loss and one all-reduce for the weight-decay penalty; and the result is one process's."""
+    assert_check(jobs, "train", "train", f"closure/collectives-{solver}")
+
+
+def test_closure_solver_nonfinite_guard_on_fsdp2_is_one_collective(jobs: Jobs) -> None:
+    """A NaN in one rank's shard: every rank skips, after one all-reduce for all gradients."""
+    assert_check(jobs, "resume", "resume", "closure/nonfinite-skip-fsdp2")

@@ -68,7 +68,7 @@ PATHS = {
     "single": dict(foreach=False),
     "flat": dict(flat=True),
     "tensor-lr": dict(lr=torch.tensor(0.01)),
-    "tensor-lr-foreach": dict(lr=torch.tensor(0.01), foreach=True),
+    "tensor-lr-single": dict(lr=torch.tensor(0.01), foreach=False),
     "l1": dict(l1=1e-3),
     "l1-foreach": dict(l1=1e-3, foreach=True),
     **{f"decay-{mode}": dict(decay=mode, weight_decay=1e-3) for mode in descend.DECAY_MODES},
@@ -237,3 +237,60 @@ def test_grad_scaler_after_unscale_for_clipping() -> None:
     theirs = run(lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True))
     ours = run(lambda p: descend.AdamW(p, lr=1e-2, fused=True))
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+
+
+# --- capturable=True ---------------------------------------------------------------------------
+
+
+def test_capturable_on_the_cpu_raises_as_torch_does_and_changes_nothing() -> None:
+    for cls in (torch.optim.AdamW, descend.AdamW):
+        model = cpu_model()
+        opt = cls(model.parameters(), lr=1e-2, capturable=True, foreach=True)
+        backward(model, 0)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(AssertionError, match="If capturable=True, params and state_steps must be on supported"):
+            opt.step()
+        if cls is descend.AdamW:  # (torch's has already advanced its counts)
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+
+
+@pytest.fixture
+def capturable_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let torch's and descend's capturable Adam run on the CPU, to compare their math here."""
+    import importlib
+
+    def devices(supports_xla: bool = True) -> list[str]:
+        return ["cpu"]
+    for module in ("torch.optim.adam", "descend.optimizers.adam"):
+        monkeypatch.setattr(importlib.import_module(module), "_get_capturable_supported_devices", devices)
+
+
+CAPTURABLE = {
+    "AdamW-tensor-lr": (torch.optim.AdamW, descend.AdamW, dict(lr=torch.tensor(1e-2))),
+    "AdamW-float-lr": (torch.optim.AdamW, descend.AdamW, dict(lr=1e-2)),
+    "Adam-l2-amsgrad": (torch.optim.Adam, descend.Adam, dict(lr=torch.tensor(1e-2), weight_decay=0.1, amsgrad=True)),
+    "AdamW-maximize": (torch.optim.AdamW, descend.AdamW, dict(lr=torch.tensor(1e-2), maximize=True)),
+}
+
+
+@pytest.mark.usefixtures("capturable_on_cpu")
+@pytest.mark.parametrize("case", CAPTURABLE)
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_capturable_equals_torch_and_reads_nothing(case: str, foreach: bool) -> None:
+    theirs_cls, ours_cls, kw = CAPTURABLE[case]
+    results = []
+    for cls in (theirs_cls, ours_cls):
+        model = cpu_model()
+        options = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        opt = cls(model.parameters(), capturable=True, foreach=foreach, **options)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
+        for step in range(5):
+            opt.zero_grad()
+            backward(model, step)
+            with counting_reads() as mode:
+                opt.step()
+            if cls is ours_cls and step and isinstance(kw["lr"], torch.Tensor):
+                assert mode.reads == 0
+            scheduler.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

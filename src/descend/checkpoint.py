@@ -11,7 +11,14 @@ shape and parameters in another order, and fails later (or never, and trains on 
   ``momentum_buffer`` into Adam), or a saved group without this optimizer's hyperparameters;
 - every state entry against the rule's declaration (:mod:`descend.state`): entries this
   optimizer does not keep, types, shapes and dtypes (torch would cast silently), and value
-  ranges (a step count is a finite number ≥ 0, second moments hold no negative value).
+  ranges (a step count is a finite number ≥ 0, second moments hold no negative value);
+- precision (:mod:`descend.precision`): a state saved in another precision (a descend state
+  dict with a ``state_dtype``, or any state loaded into an optimizer that has one) is checked
+  in plain form (8-bit codes dequantized, any float dtype), then converted to this optimizer's
+  stored form: entries already in it are kept bit for bit, others cast or quantized; the
+  saved state of stochastic rounding's generators is checked too. torch's own load would
+  then cast every float entry to its parameter's dtype (pytorch/pytorch#43706): the optimizer
+  puts the converted entries back (``RegularizedOptimizer._restore_loaded``).
 
 It returns a state dict in this optimizer's parameter order; a rejected one raises
 ``ValueError`` saying what differs, and the optimizer is unchanged.
@@ -19,9 +26,12 @@ It returns a state dict in this optimizer's parameter order; a rejected one rais
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
+
+from descend import precision
+from descend.state import StateSpec
 
 
 def _names(group: dict[str, Any]) -> list[str] | None:
@@ -70,8 +80,18 @@ def aligned_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
                              f"was it saved by another kind of optimizer?")
     saved_groups = _reorder_by_name(saved_groups, groups)
 
-    spec = getattr(optimizer, "state_spec", None)
+    spec: StateSpec | None = getattr(optimizer, "state_spec", None)
+    prec: precision.Precision | None = getattr(optimizer, "_precision", None)
+    # a state in another precision (descend's low-precision state dicts, or any state loaded
+    # into a low-precision optimizer) is checked in plain form, then converted; otherwise
+    # every dtype must be the declared one, as torch would cast silently
+    relaxed = spec is not None and prec is not None and (prec.active or "precision" in state_dict)
+    base = cast(StateSpec, getattr(type(optimizer), "state_spec", spec) if relaxed else spec)
+    any_float = frozenset(prec.converted) if relaxed and prec is not None else frozenset()
+    if relaxed and prec is not None and prec.rounding == "stochastic" and "rounding_generators" in state_dict:
+        precision.Generators.check(state_dict["rounding_generators"])
     state = state_dict["state"]
+    converted = dict(state)
     for saved, current in zip(saved_groups, groups, strict=True):
         names = _names(current)
         for pi, (pid, param) in enumerate(zip(saved["params"], current["params"], strict=True)):
@@ -82,7 +102,18 @@ def aligned_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
             if not isinstance(entry, dict):
                 raise ValueError(f"the state of parameter {label} is a {type(entry).__name__}, not a dict")
             if spec is not None and entry:
-                spec.check_loaded(param, entry, label, kind, {**optimizer.defaults, **saved})
+                group = {**optimizer.defaults, **saved}
+                if relaxed and prec is not None:
+                    try:
+                        plain = precision.plain_state(entry, base)
+                    except ValueError as e:
+                        raise ValueError(f"the state of parameter {label}: {e}") from None
+                    base.check_loaded(param, plain, label, kind, group, any_float=any_float)
+                    converted[pid] = stored = precision.stored_state(prec, param, entry)
+                    spec.check_loaded(param, stored, label, kind, group)
+                else:
+                    spec.check_loaded(param, entry, label, kind, group)
     out = dict(state_dict)
     out["param_groups"] = saved_groups
+    out["state"] = converted
     return out

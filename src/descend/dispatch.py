@@ -129,13 +129,15 @@ def foreach_devices() -> list[str]:
 
 
 def choose(batch: GroupBatch, *, fast_paths: tuple[str, ...], fused_broken: frozenset[tuple[str, torch.dtype]],
-           kind: str, verified: Verified | None) -> str:
+           kind: str, verified: Verified | None, fused_dtensor: bool = False) -> str:
     """The implementation for one group's batch: "fused", "foreach" or "single".
 
     ``fast_paths`` are the rule's forms besides the reference, ``fused_broken`` the (device
     type, dtype) pairs on which torch's fused kernel of the rule is wrong. Fused also needs
     each parameter, its gradient and its state in one dense layout (:func:`one_dense_layout`);
-    where they differ the default is foreach."""
+    where they differ the default is foreach. ``fused_dtensor``: the rule's fused kernel has a
+    DTensor (FSDP2) sharding rule (torch's fused Adam and AdamW kernels do), so a group whose
+    parameters are all DTensors takes it, as torch's ``fused=True`` does."""
     group, params = batch.group, batch.params
     if compiling():
         return _choose_compiling(batch, fast_paths)
@@ -150,10 +152,15 @@ def choose(batch: GroupBatch, *, fast_paths: tuple[str, ...], fused_broken: froz
         return (static_dense and all(map(Tensor.is_contiguous, batch.grads))) or one_dense_layout(batch)
 
     complex_ = any(t.is_complex for _, t in kinds)
+    if not plain and fused_dtensor and group.get("fused") and all(map(is_dtensor, params)):
+        plain = True  # (asked for, as torch's: the default for DTensors stays foreach, torch's default)
     fused_ok = ("fused" in fast_paths and plain and not complex_
                 and all(d in fused_devices() and t.is_floating_point for d, t in kinds))
     broken = [(d, t) for d, t in kinds if (d, t) in fused_broken]
     if group.get("fused"):
+        if not fused_ok and not plain and all(map(is_dtensor, params)):
+            raise RuntimeError(f"fused=True: torch's fused {kind} kernel has no DTensor (FSDP2) sharding rule; "
+                               "use foreach=True (the default for DTensors)")
         if not fused_ok:
             raise RuntimeError(
                 "fused=True needs floating-point, non-complex tensors on a device with fused kernels "

@@ -325,7 +325,7 @@ class FlatStorage:
         batches: list[GroupBatch] = []
         plans: list[tuple[FlatBatch, _Segment, list[bool] | None]] = []
         for group, segments in zip(opt.param_groups, self.segments):
-            opt._validate(group)
+            opt._validate(group, stepping=True)
             batch = FlatBatch(group)
             batches.append(batch)
             for seg in segments:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
-from descend import dispatch, regularization
+from descend import dispatch, precision, regularization
 from descend.regularization import Absorbs, KernelTerms
 from descend.state import SCALAR, StateSpec
 from descend.tensors import (
@@ -52,7 +52,7 @@ from descend.tensors import (
     all_finite,
     by_device_and_dtype,
     is_dtensor,
-    norm_dtype,
+    nonfinite_flags,
     sharded_nonfinite,
 )
 from descend.validation import check_flag, check_number, invalid, scalar_value
@@ -67,6 +67,7 @@ NO_TERMS = KernelTerms()
 
 
 _deref = weakref.ref.__call__
+_PLAIN_TENSORS = frozenset((Tensor, torch.nn.Parameter))
 
 
 def initial_base_lr(group: dict[str, Any]) -> float:
@@ -127,6 +128,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     #: whether the rule's fused kernel unscales gradients and skips on a device flag itself
     #: (``batch.grad_scale``, ``batch.found_inf``), as torch's fused SGD and Adam kernels do
     _amp_fused: bool = False
+    #: whether the rule's fused kernel takes DTensor (FSDP2) parameters (a sharding rule for it)
+    _fused_dtensor: bool = False
     #: GradScaler's contract: it sets ``grad_scale`` and ``found_inf`` on the optimizer and calls
     #: ``step()`` without unscaling or reading ``found_inf`` itself. A fused kernel that takes
     #: them does both on the device; every other path unscales the gradients in place and skips
@@ -134,37 +137,146 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling: bool = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "ignore",
-                 warn: bool = True, flat: bool = False) -> None:
+                 warn: bool = True, flat: bool = False, rounding: str = "nearest",
+                 state_dtype: Any = None) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise invalid("nonfinite", nonfinite, ", ".join(repr(m) for m in NONFINITE_MODES))
         check_flag("warn", warn)
         check_flag("flat", flat)
+        # rounding of 16-bit parameters and the dtype of the state (descend.precision); the
+        # declaration of the state says its stored form, so every check reads the right dtypes
+        self._precision = precision.Precision.of(rounding, state_dtype)
+        self.state_spec = self._precision.declare(type(self).state_spec, type(self).__name__)
+        if flat and state_dtype == "8bit":
+            raise invalid("flat", flat, "False with state_dtype='8bit' (flat storage holds one value per element "
+                                        "or per parameter, not 8-bit state's scale per block)")
+        self._precision_groups: set[int] = set()
         self.nonfinite = nonfinite
         #: whether implausible decay settings warn (at construction and in add_param_group)
         self.warn = warn
         self.skipped_steps = 0
         self._validate(defaults)
         super().__init__(params, defaults)
+        for gi, group in enumerate(self.param_groups):
+            self._precision_group_added(group, gi)
+        self._install_precision_hooks()
         if flat:
             self._use_flat_storage()
+
+    # --- precision (descend.precision) -------------------------------------------------
+
+    @property
+    def rounding(self) -> str:
+        """How 16-bit parameters are rounded: "nearest", "compensated" or "stochastic"."""
+        return self._precision_of().rounding
+
+    @property
+    def state_dtype(self) -> Any:
+        """The dtype the θ-shaped state is stored in (None: the parameter's, or "8bit")."""
+        return self._precision_of().state_dtype
+
+    def _install_precision_hooks(self) -> None:
+        """The state dict hooks that keep a low-precision state in its stored form (torch's load
+        casts float state to the parameter's dtype) and carry the rounding generators."""
+        if self._precision.active:
+            self.register_state_dict_post_hook(RegularizedOptimizer._save_precision)
+            self.register_load_state_dict_pre_hook(RegularizedOptimizer._stash_loaded)
+            self.register_load_state_dict_post_hook(RegularizedOptimizer._restore_loaded)
+
+    def _precision_state(self) -> dict[str, Any]:
+        """What pickling and ``copy.deepcopy`` must keep of the precision: torch's ``__getstate__``
+        keeps only defaults, state and groups (and its ``__setstate__`` drops every hook)."""
+        prec = self._precision_of()
+        return {"rounding": prec.rounding, "state_dtype": prec.state_dtype,
+                "generators": prec.generators.state() if prec.generators is not None else None}
+
+    def _restore_precision(self, saved: dict[str, Any] | None) -> None:
+        """The counterpart of :meth:`_precision_state`, for ``__setstate__``."""
+        saved = saved or {}
+        self._precision = precision.Precision.of(saved.get("rounding", "nearest"), saved.get("state_dtype"))
+        self.state_spec = self._precision.declare(type(self).state_spec, type(self).__name__)
+        if saved.get("generators") is not None and self._precision.generators is not None:
+            self._precision.generators.load(saved["generators"])
+        self._install_precision_hooks()
+
+    def _precision_of(self) -> precision.Precision:
+        prec = self.__dict__.get("_precision")
+        return prec if prec is not None else precision.Precision()
+
+    def _precision_group_added(self, group: dict[str, Any], index: int) -> None:
+        """Checks of a new group against ``rounding`` and ``state_dtype`` (once per group): a
+        ValueError for a parameter they cannot hold, and one warning where rounding to nearest
+        erases the group's decay."""
+        seen = self.__dict__.setdefault("_precision_groups", set())
+        if id(group) in seen:
+            return
+        seen.add(id(group))
+        prec = self._precision_of()
+        for p in group["params"]:
+            if isinstance(p, Tensor):
+                prec.check_param(p, self._describe_param(p))
+        if self.warn:
+            precision.warn_if_decay_erased(self, group, f"group {index} of {type(self).__name__}")
+
+    @staticmethod
+    def _save_precision(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        """State dict post-hook: the precision the state is stored in, and the generators' states."""
+        prec = cast(RegularizedOptimizer, optimizer)._precision_of()
+        dtype = prec.state_dtype
+        state_dict["precision"] = {"rounding": prec.rounding,
+                                   "state_dtype": dtype if dtype is None or isinstance(dtype, str)
+                                   else str(dtype).removeprefix("torch.")}
+        if prec.generators is not None:
+            state_dict["rounding_generators"] = prec.generators.state()
+
+    @staticmethod
+    def _stash_loaded(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        """Load pre-hook: keep the checked, converted state dict for :meth:`_restore_loaded`."""
+        optimizer.__dict__["_loading"] = state_dict
+
+    @staticmethod
+    def _restore_loaded(optimizer: torch.optim.Optimizer) -> None:
+        """Load post-hook: torch's load cast every float state entry (and the 8-bit codes) to its
+        parameter's dtype; put back the entries :func:`descend.checkpoint.aligned_state_dict`
+        converted to this optimizer's stored form, on the parameter's device."""
+        loaded = optimizer.__dict__.pop("_loading", None)
+        if loaded is None:
+            return
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in loaded["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
+        for pid, p in zip(saved_ids, params):
+            saved = loaded["state"].get(pid)
+            state = optimizer.state.get(p)
+            if saved is None or state is None:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, Tensor):
+                    state[key] = value.to(device=p.device)
+        prec = cast(RegularizedOptimizer, optimizer)._precision_of()
+        if prec.generators is not None and "rounding_generators" in loaded:
+            prec.generators.load(loaded["rounding_generators"])
 
     # --- groups and validation ---------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError for an invalid option of this optimizer (subclasses extend)."""
 
-    def _validate(self, group: dict[str, Any]) -> None:
+    def _validate(self, group: dict[str, Any], stepping: bool = False) -> None:
         lr = group["lr"]
         if not isinstance(lr, (float, int, Tensor)) or isinstance(lr, bool):
             # a Fraction or a Decimal passes as a real number but not into torch's kernels
             raise invalid("lr", lr, "a float, an int or a 1-element tensor")
         # a tensor lr's value cannot be read while torch.compile traces the step (a graph break,
-        # and a recompile at every new value): there, as torch.optim does at every step, it is not checked
-        traced_lr = isinstance(lr, Tensor) and dispatch.compiling()
+        # and a recompile at every new value), nor while a CUDA graph captures a capturable step,
+        # and on a device every read is a host-device sync: there, as torch.optim does at every
+        # step, it is not checked (a capturable group's is checked where the group is added)
+        traced_lr = isinstance(lr, Tensor) and (dispatch.compiling() or (stepping and (
+            bool(group.get("capturable")) or not lr.is_cpu)))
+        if isinstance(lr, Tensor) and lr.numel() != 1:  # (torch's words, and its order of checks)
+            raise ValueError(f"Tensor lr must be 1-element, not of shape {tuple(lr.shape)} "
+                             "(lr; allowed: a float, an int or a 1-element tensor)")
         if not traced_lr:
             check_number("lr", lr, low=0)
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise invalid("lr", lr, "a float or a 1-element tensor")
         if "lr_scale" in group:
             check_number("lr_scale", group["lr_scale"], low=0)
         if "base_lr" in group:
@@ -226,10 +338,21 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         group.setdefault("base_lr", initial_base_lr(group))
         if self.warn:
             regularization.warn_if_implausible(group, f"group {len(self.param_groups) - 1} of {type(self).__name__}")
+        self._precision_group_added(group, len(self.param_groups) - 1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["precision"] = self._precision_state()  # (torch keeps three keys, and no hooks)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.pop("precision", None)
         ours = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
+        if saved is not None:
+            # unpickling; torch's load_state_dict also calls __setstate__ (with state and groups
+            # only), and there the optimizer's own precision stands
+            self._restore_precision(saved)
         if not ours:
             # torch's __setstate__ adds 'differentiable' to the defaults; descend has no such
             # option, and loaded groups must keep exactly the keys they were saved with
@@ -348,7 +471,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
             return flat.prepare()
         if dispatch.compiling():  # before anything reads self.state: see _init_group
             for group in self.param_groups:
-                self._validate(group)
+                self._validate(group, stepping=True)
                 self._init_group(group)
         batches = []
         state_of = self.state.get
@@ -359,7 +482,7 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         verified: dict[int, dispatch.Verified] = self.__dict__.get("_verified") or {}
         self._verified: dict[int, dispatch.Verified] = {}
         for group in self.param_groups:
-            self._validate(group)
+            self._validate(group, stepping=True)
             batch = GroupBatch(group, terms=NO_TERMS)  # (a global: torch.compile traces no default_factory)
             params, grads, states = batch.params, batch.grads, batch.states
             for p in group["params"]:  # the hot loop of a step over many small tensors: keep it lean
@@ -429,23 +552,23 @@ class RegularizedOptimizer(torch.optim.Optimizer):
                                      f"parameter has {what} {its}; nothing was changed")
         return shapes
 
-    def _grads_are_finite(self, batches: list[GroupBatch]) -> bool:
+    def _nonfinite_flags(self, batches: list[GroupBatch]) -> list[Tensor]:
+        """Device flags, 1 where some gradient of this step holds a NaN or an infinity
+        (:func:`descend.tensors.nonfinite_flags`); sharded (DTensor) gradients are checked over
+        all shards, so that every rank agrees, with one collective for all of them."""
         grads = [g for b in batches for g in b.grads]
-        # sharded (DTensor) gradients are checked over all shards, so that every rank agrees
-        # (one collective for all of them, which every rank runs)
-        sharded_flag = sharded_nonfinite([g for g in grads if is_dtensor(g)])
-        # (an empty tensor is finite, and has no infinity norm: _foreach_norm would raise)
-        plain = [g for g in grads if g.numel() and not is_dtensor(g)]
-        # One read of each gradient: a 2-norm is finite only if every entry is (NaN and ±inf
-        # propagate), and torch's CPU kernel for it is several times faster than the inf-norm's.
-        # A non-finite norm may also be the overflow of huge finite entries (|g| > 1e19 in
-        # float32; float32 accumulation covers float16), so that answer is confirmed entry by entry.
-        norms = [torch.stack(torch._foreach_norm(gs, 2, dtype=norm_dtype(gs[0]))).isfinite().all()
-                 for gs in by_device_and_dtype(plain)]
-        finite = not norms or bool(torch.stack([f.cpu() for f in norms]).all())
-        if not finite:
-            finite = all(all_finite(g) for g in plain)
-        return (sharded_flag is None or not bool(sharded_flag.item())) and finite
+        if set(map(type, grads)) <= _PLAIN_TENSORS:
+            return list(nonfinite_flags(grads).values())
+        flags = list(nonfinite_flags(g for g in grads if not is_dtensor(g)).values())
+        sharded = sharded_nonfinite([g for g in grads if is_dtensor(g)])
+        return flags + ([sharded] if sharded is not None else [])
+
+    def _grads_are_finite(self, batches: list[GroupBatch]) -> bool:
+        """Whether every gradient is finite: one host read of the device flags."""
+        flags = self._nonfinite_flags(batches)
+        if not flags:
+            return True
+        return not bool(torch.stack([f.to("cpu", non_blocking=False) for f in flags]).any())
 
     def _kernels_take_found_inf(self, batches: list[GroupBatch]) -> bool:
         """Whether every batch of this step runs a fused kernel that unscales and skips on the
@@ -460,15 +583,8 @@ class RegularizedOptimizer(torch.optim.Optimizer):
 
     def _count_nonfinite_on_device(self, batches: list[GroupBatch], found_inf: Tensor | None) -> Tensor:
         """``nonfinite="skip"`` without a host read: a device flag, 1 where some gradient
-        holds a NaN or an infinity (its infinity norm is then NaN or inf: max propagates
-        NaN and never overflows), merged with GradScaler's and counted on the device."""
-        sharded = [g for b in batches for g in b.grads if is_dtensor(g)]
-        grads = [g for b in batches for g in b.grads if g.numel() and not is_dtensor(g)]
-        flags = [torch.stack(torch._foreach_norm(gs, float("inf"), dtype=norm_dtype(gs[0]))).isfinite().all()
-                 .logical_not().float() for gs in by_device_and_dtype(grads)]
-        sharded_flag = sharded_nonfinite(sharded)
-        if sharded_flag is not None:
-            flags.append(sharded_flag)
+        holds a NaN or an infinity, merged with GradScaler's and counted on the device."""
+        flags = self._nonfinite_flags(batches)
         flag = flags[0] if flags else torch.zeros((), device=batches[0].params[0].device)
         for f in flags[1:]:
             flag = torch.maximum(flag, f.to(flag.device))
@@ -547,17 +663,22 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         group, implementation = batch.group, batch.implementation
         # while torch.compile traces the step a tensor lr stays a tensor on every path: read as a
         # float it would break the graph, and recompile it at every new lr
-        keep = implementation in self._tensor_lr_paths or dispatch.compiling()
+        keep = implementation in self._tensor_lr_paths or dispatch.compiling() or bool(group.get("capturable"))
         lr = group["lr"] if keep else scalar_value(group["lr"])
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.reshape(())  # a 1-element tensor lr as a scalar (same value, dtype and device)
         plan = regularization.plan(group, lr)
+        # low precision: θ, g and the state as working tensors (float32 for 16-bit θ), written
+        # back rounded or quantized after the whole pipeline, decay and prox included
+        working = self._precision.begin(batch) if "_precision" in self.__dict__ else None
         self._inspect(batch)
         batch.grads, batch.terms = regularization.regularize_before(
             batch.params, batch.grads, plan, maximize=group["maximize"],
             absorbs=self._absorbs.get(implementation, regularization.NOTHING), foreach=implementation != "single")
         dispatch.run_serialized(self._update, batch)
         regularization.regularize_after(batch.params, plan)
+        if working is not None:
+            working.commit()
 
     def _inspect(self, batch: GroupBatch) -> None:
         """A look at θ before "regularize before" shrinks it: a rule that needs θ_{t-1}
@@ -596,5 +717,5 @@ class RegularizedOptimizer(torch.optim.Optimizer):
     def _implementation(self, batch: GroupBatch) -> str:
         """The implementation that steps ``batch`` (:func:`descend.dispatch.choose`)."""
         return dispatch.choose(batch, fast_paths=self._fast_paths, fused_broken=self._fused_broken,
-                               kind=type(self).__name__,
+                               kind=type(self).__name__, fused_dtensor=self._fused_dtensor,
                                verified=self.__dict__.get("_verified", {}).get(id(batch.group)))

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from descend.tensors import by_device_and_dtype
 from descend.validation import check_number, invalid, scalar_value
 
 DECAY_MODES = ("coupled", "decoupled", "independent", "fixed", "corrected")
@@ -351,8 +352,32 @@ def prox_l1_foreach_(params: list[Tensor], threshold: float) -> None:
     costs less on all but the smallest tensors (and flat storage makes it a single call)."""
     if threshold == 0:
         return
+    if params and not params[0].is_cpu and sum(map(Tensor.numel, params)) < FOREACH_PROX_NUMEL * len(params):
+        # on an accelerator a launch per tensor costs more than the extra passes over small tensors
+        prox_l1_multi_tensor_(params, threshold)
+        return
     for param in params:
         prox_l1_(param, threshold)
+
+
+#: below this mean number of elements per tensor, off the CPU, the prox is multi-tensor
+FOREACH_PROX_NUMEL = 65536
+
+
+def prox_l1_multi_tensor_(params: list[Tensor], threshold: float) -> None:
+    """:func:`prox_l1_` in three multi-tensor launches, whatever the number of tensors:
+    sgn(θ)·max(|θ| − t, 0) = θ − clamp(θ, −t, t) (exactly, in float32 and float64: θ − θ = 0
+    inside the threshold, and the same single rounding of θ ∓ t outside it)."""
+    for group in by_device_and_dtype(params):
+        # no complex clamp (the phase-keeping form, per tensor); and a 16-bit clamp would round t to
+        # θ's dtype, where softshrink subtracts it in float32: per tensor too
+        if group[0].dtype not in (torch.float32, torch.float64):
+            for param in group:
+                prox_l1_(param, threshold)
+            continue
+        inside = torch._foreach_clamp_max(group, threshold)
+        torch._foreach_clamp_min_(inside, -threshold)
+        torch._foreach_sub_(group, inside)
 
 
 # --- the loss-term route ---------------------------------------------------------------

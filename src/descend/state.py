@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,7 +71,9 @@ class Entry:
         shape: its shape as a function of θ's shape (:data:`LIKE_PARAM`, :data:`SCALAR`, …).
         dtype: a fixed dtype, or None for θ's dtype. A scalar entry with ``dtype=None``
             accepts any floating dtype (torch keeps step counts in float32, or float64
-            under a float64 default dtype).
+            under a float64 default dtype). It is the *stored* dtype: an optimizer with a
+            ``state_dtype`` declares its moments in it (uint8 codes for 8 bits, see
+            :mod:`descend.precision`), so that every check below holds the stored form.
         init: "zeros" if the pipeline creates it (zeros) before a parameter's first step;
             None if the rule creates it itself (SGD's momentum buffer is the first gradient).
         required: every parameter that has state has this entry (where ``when`` holds).
@@ -229,11 +231,13 @@ class StateSpec:
         return True
 
     def check_loaded(self, param: Tensor, state: dict[str, Any], label: str, kind: str,
-                     group: dict[str, Any] | None = None) -> None:
+                     group: dict[str, Any] | None = None, any_float: frozenset[str] = frozenset()) -> None:
         """Raise ValueError if a saved ``state`` cannot be ``param``'s: entries this rule does not
         keep (or not for this parameter, such as a row factor of a vector), then each entry's
         type, shape and dtype, then its values (finite scalars; no element below the entry's
-        ``low``). Reads the values: done at load, never per step."""
+        ``low``). Reads the values: done at load, never per step. The entries named in
+        ``any_float`` may have any floating dtype (a state saved in another precision, which
+        :mod:`descend.precision` converts)."""
         foreign = sorted(set(state) - set(self.by_name))
         if foreign:
             raise ValueError(f"the state of parameter {label} holds {foreign}, which {kind} does not keep: "
@@ -245,6 +249,9 @@ class StateSpec:
                                  f"{tuple(param.shape)} by {kind}")
             if entry.shape is SCALAR and isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = torch.tensor(float(value))  # torch < 1.12 saved counts as numbers; torch converts them
+            if key in any_float and isinstance(value, Tensor) and value.is_floating_point() \
+                    and not value.is_complex():
+                entry = replace(entry, dtype=value.dtype)
             why = entry.misfit(param, value)
             if why is not None:
                 raise ValueError(f"state {key!r} of parameter {label} {why}")

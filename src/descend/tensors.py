@@ -19,6 +19,7 @@ IS_CPU = operator.attrgetter("is_cpu")
 DTYPE = operator.attrgetter("dtype")
 SHAPE = operator.attrgetter("shape")
 _DEVICE_AND_DTYPE = operator.attrgetter("device", "dtype")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 def is_dtensor(t: Any) -> bool:
@@ -42,6 +43,34 @@ def all_finite(t: Tensor) -> bool:
     flag = torch.isfinite(t).all()
     full = getattr(flag, "full_tensor", None)
     return bool(full() if full is not None else flag)
+
+
+def nonfinite_flags(grads: Iterable[Tensor]) -> dict[torch.device, Tensor]:
+    """Per device, a float32 flag on that device: 1 where some of these (plain, not sharded)
+    gradients holds a NaN or an infinity, else 0. Never read on the host here.
+
+    GradScaler's own check (``_amp_foreach_non_finite_check_and_unscale_``, with a scale of 1,
+    which leaves every value as it was): one multi-tensor kernel per device and dtype that looks
+    at each entry, so a huge finite entry is never taken for an overflow (a norm can overflow)
+    and many small tensors cost one launch. Complex gradients are checked as their real parts
+    and imaginary parts; sparse ones by their values."""
+    grads = list(grads)
+    if any(map(_IS_SPARSE, grads)) or any(map(Tensor.is_complex, grads)):
+        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
+        grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+    if grads and all(map(IS_CPU, grads)) and len(set(map(DTYPE, grads))) == 1:
+        buckets = {(grads[0].device, grads[0].dtype): grads}  # the common case, in C-level maps
+    else:
+        buckets = {}
+        for g in grads:
+            buckets.setdefault(_DEVICE_AND_DTYPE(g), []).append(g)
+    flags: dict[torch.device, Tensor] = {}
+    for (device, _), gs in buckets.items():
+        if device not in flags:
+            flags[device] = torch.zeros((), dtype=torch.float32, device=device)
+        one = torch.ones((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, flags[device], one)
+    return flags
 
 
 def sharded_nonfinite(grads: list[Tensor]) -> Tensor | None:

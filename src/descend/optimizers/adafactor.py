@@ -183,12 +183,13 @@ class Adafactor(RegularizedOptimizer):
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise invalid("eps", eps, "a pair (eps1, eps2)")
+        # (torch's words: "epsilon1 should be >= 0 but is: -1e-30")
         try:
             if eps[0] is not None:
-                check_number("eps1", eps[0], low=0)
-            check_number("eps2", eps[1], low=0)
+                check_number("eps[0]", eps[0], low=0)
         except ValueError:
-            raise invalid("eps", eps, "eps1 = eps[0] None or a number >= 0, eps2 = eps[1] a number >= 0") from None
+            raise invalid("eps[0]", eps[0], "None or a number >= 0") from None
+        check_number("eps[1]", eps[1], low=0)
         check_number("d", group["d"], low=1)
 
     def _prepare(self) -> list[GroupBatch]:

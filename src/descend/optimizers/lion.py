@@ -81,7 +81,8 @@ class Lion(RegularizedOptimizer):
         weight_decay: λ ≥ 0 (default 0); see ``decay``.
         l1: λ₁ ≥ 0, L1 regularization (default 0).
         decay: ``"decoupled"`` (default), ``"independent"``, ``"fixed"``, ``"corrected"`` or ``"coupled"``.
-        maximize, foreach, nonfinite, flat: as for :class:`descend.SGD` (no fused form).
+        maximize, foreach, nonfinite, flat, warn, rounding, state_dtype: as for :class:`descend.SGD`
+            (no fused form).
 
     lion-pytorch's default decay, θ·(1 − lr·λ), is ``decay="decoupled"``; its
     ``decoupled_weight_decay=True``, θ·(1 − (lr/lr₀)·λ), is ``decay="independent"``. Since a sign
@@ -98,10 +99,12 @@ class Lion(RegularizedOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, decay: str = "decoupled", l1: float = 0, maximize: bool = False,
                  foreach: bool | None = None, nonfinite: str = "ignore", flat: bool = False,
-                 warn: bool = True) -> None:
+                 warn: bool = True, rounding: str = "nearest",
+                 state_dtype: Any = None) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, l1=l1, decay=decay, maximize=maximize,
                         foreach=foreach)
-        super().__init__(params, defaults, nonfinite=nonfinite, warn=warn, flat=flat)
+        super().__init__(params, defaults, nonfinite=nonfinite, warn=warn, flat=flat, rounding=rounding,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_betas(group["betas"])

@@ -164,6 +164,12 @@ class SGD(RegularizedOptimizer):
             that one kernel steps many small tensors (see :mod:`descend.flat`).
         warn: warn (once, at construction and in ``add_param_group``) about a decoupled decay
             that shrinks the weights by more than 1% per step (default True).
+        rounding: how 16-bit parameters are written back: ``"nearest"`` (default, torch's),
+            ``"compensated"`` (a 16-bit Kahan buffer per parameter keeps what rounding drops)
+            or ``"stochastic"`` (up or down with the probability of the distance; reproducible).
+            float32 and float64 parameters ignore it. See :mod:`descend.precision`.
+        state_dtype: the dtype of the state shaped like θ: None (θ's, as torch), ``torch.float32``,
+            ``torch.bfloat16``, ``torch.float16`` or ``"8bit"`` (block-wise quantized).
 
     The update rule is in the docstring of :mod:`descend.optimizers.sgd`.
     """
@@ -180,11 +186,13 @@ class SGD(RegularizedOptimizer):
                  weight_decay: float = 0, nesterov: bool = False, *, l1: float = 0, decay: str = "coupled",
                  maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
                  nonfinite: str = "ignore", flat: bool = False,
-                 warn: bool = True) -> None:
+                 warn: bool = True, rounding: str = "nearest",
+                 state_dtype: Any = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, l1=l1, decay=decay, maximize=maximize, foreach=foreach,
                         fused=fused)
-        super().__init__(params, defaults, nonfinite=nonfinite, warn=warn, flat=flat)
+        super().__init__(params, defaults, nonfinite=nonfinite, warn=warn, flat=flat, rounding=rounding,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("momentum", group["momentum"], low=0, high=1)

@@ -17,9 +17,10 @@ and abs-sum norms of their stopping tests and first step, the value of the loss 
 weight-decay penalty — goes through the few functions of this module marked *reduction*
 (:func:`dot`, :func:`max_abs`, :func:`abs_sum`, :func:`loss_value`, :func:`squared_norm`).
 Nothing else in the solvers looks at more than one element at a time, so making them global
-across a process group is a change to these functions alone. A DTensor piece is reduced by
-DTensor itself (the partial result is all-reduced over its mesh by ``full_tensor()``);
-ordinary tensors are reduced locally (under DDP their gradients are already averaged, so
+across a process group is a change to these functions alone. DTensor pieces (Shard and
+Replicate placements) are reduced on their local shards, and the stacked results of all of
+them are all-reduced once per reduction (per sharded mesh dimension); other placements are
+left to DTensor (``full_tensor()``); ordinary tensors are reduced locally (under DDP their gradients are already averaged, so
 every rank holds the same vectors and the same reductions).
 
 The loss
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from descend import regularization
 from descend.optimizer import RegularizedOptimizer
-from descend.tensors import all_finite, is_dtensor
+from descend.tensors import is_dtensor
 from descend.validation import check_int, check_number, invalid, scalar_value
 
 __all__ = ["ParamSpace", "Objective", "ClosureSolver", "Outcome", "Vector", "dot", "max_abs", "abs_sum",
@@ -78,81 +79,177 @@ def _combine(parts: list[Tensor], how: str) -> Tensor:
     return stacked.sum() if how == "sum" else stacked.max()
 
 
+# --- DTensor pieces: local results, then one collective for all of them ------------------
+#
+# A DTensor piece placed by Shard and Replicate only (FSDP2's Shard(0), HSDP's Replicate and
+# Shard, hand-made ones) is reduced by hand: the result over its local shard, for every such
+# piece, stacked into one tensor that is all-reduced once over each mesh dimension the pieces
+# are sharded on (one collective per reduction under FSDP2, however many parameters). Over a
+# replicated dimension every rank already holds the whole, so nothing is reduced there. Any
+# other placement (Partial) is left to DTensor, one collective per piece.
+
+
+def _shard_plan(x: Tensor) -> tuple[Any, tuple[int, ...]] | None:
+    """(mesh, the mesh dimensions x is sharded over) for a DTensor placed by Shard and
+    Replicate only; None for another placement."""
+    try:
+        from torch.distributed.tensor import Replicate, Shard
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Replicate, Shard  # type: ignore[no-redef]
+
+    dims = []
+    for i, placement in enumerate(x.placements):  # type: ignore[attr-defined]
+        if isinstance(placement, Shard):
+            dims.append(i)
+        elif not isinstance(placement, Replicate):
+            return None
+    return x.device_mesh, tuple(dims)  # type: ignore[attr-defined]
+
+
+def _reduce_over_meshes(parts: list[Tensor], plans: list[tuple[Any, tuple[int, ...]] | None], how: str) -> None:
+    """Make ``parts[i]`` global, in place in the list, for every i with a plan: one all-reduce
+    (sum or max) per (mesh, sharded dimensions) and dimension, of the stacked results.
+
+    For "max" a NaN on any rank must reach every rank, which a MAX all-reduce does not promise
+    (it compares): NaNs travel as +inf with a flag beside them, in the same collective."""
+    import torch.distributed as dist
+
+    batches: dict[Any, list[int]] = {}
+    for i, plan in enumerate(plans):
+        if plan is not None and plan[1]:
+            batches.setdefault(plan, []).append(i)
+    for (mesh, dims), indices in batches.items():
+        dtype = parts[indices[0]].dtype
+        for i in indices[1:]:
+            dtype = torch.promote_types(dtype, parts[i].dtype)
+        stacked = torch.stack([parts[i].to(dtype) for i in indices])
+        if how == "max":
+            nan = stacked.isnan()
+            stacked = torch.cat([stacked.masked_fill(nan, math.inf), nan.to(dtype)])
+        op = dist.ReduceOp.SUM if how == "sum" else dist.ReduceOp.MAX
+        for dim in dims:
+            dist.all_reduce(stacked, op=op, group=mesh.get_group(dim))
+        if how == "max":
+            values, flags = stacked.chunk(2)
+            stacked = values.masked_fill(flags > 0, math.nan)
+        for j, i in enumerate(indices):
+            parts[i] = stacked[j]
+
+
+def _reduce(pieces: Sequence[tuple[Tensor, ...]], local: Callable[..., Tensor], how: str,
+            combine: bool = True, shard: Callable[..., Tensor] | None = None) -> Any:
+    """``local`` of each tuple of pieces (the same parameter in one or two vectors), made global
+    over the mesh of DTensor pieces with one collective (see above), then combined. ``shard``
+    (default ``local``) is what DTensor pieces compute on their local shards."""
+    parts: list[Tensor] = []
+    plans: list[tuple[Any, tuple[int, ...]] | None] = []
+    for tensors in pieces:
+        plan = _shard_plan(tensors[0]) if is_dtensor(tensors[0]) else None
+        if plan is not None and any(not is_dtensor(t) or t.placements != tensors[0].placements  # type: ignore[attr-defined]
+                                    for t in tensors[1:]):
+            plan = None
+        if plan is not None:
+            parts.append((shard or local)(*[t.to_local() for t in tensors]))  # type: ignore[attr-defined]
+        else:
+            parts.append(_to_local_scalar(local(*tensors)))
+        plans.append(plan)
+    _reduce_over_meshes(parts, plans, how)
+    return _combine(parts, how) if combine else parts
+
+
+def _is_plain(a: Vector) -> bool:
+    return len(a) == 1 and type(a[0]) is Tensor  # one flat local piece: the common case, kept cheap
+
+
 # --- reductions: the only places where elements of a vector are combined ---------------
+
+
+def _piece_dot(x: Tensor, y: Tensor) -> Tensor:
+    return x.dot(y) if x.dim() == 1 and not is_dtensor(x) else (x * y).sum()
+
+
+def _shard_dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum()  # what DTensor computes on each shard: a DTensor piece keeps its bits
 
 
 def dot(a: Vector, b: Vector) -> Tensor:
     """*reduction* aᵀb, a 0-dim tensor."""
-    if len(a) == 1 and type(a[0]) is Tensor:  # one flat local piece: the common case, kept cheap
+    if _is_plain(a):
         return a[0].dot(b[0])
-    return _combine([_to_local_scalar(x.dot(y) if x.dim() == 1 and not is_dtensor(x) else (x * y).sum())
-                     for x, y in zip(a, b, strict=True)], "sum")
+    return _reduce(list(zip(a, b, strict=True)), _piece_dot, "sum", shard=_shard_dot)  # type: ignore[no-any-return]
+
+
+def _piece_max_abs(x: Tensor) -> Tensor:
+    return x.abs().max() if x.numel() else x.new_zeros(())  # an empty local shard: torch's max rejects it
 
 
 def max_abs(a: Vector) -> Tensor:
     """*reduction* ‖a‖_∞ (NaN if any element is NaN), a 0-dim tensor."""
-    if len(a) == 1 and type(a[0]) is Tensor:
+    if _is_plain(a):
         return a[0].abs().max()
-    return _combine([_dtensor_max_abs(x) if is_dtensor(x) else x.abs().max() for x in a], "max")
-
-
-def _dtensor_max_abs(x: Tensor) -> Tensor:
-    """‖x‖_∞ of a DTensor: the local shard's (0 for an empty shard, which torch's max rejects),
-    then the maximum over the mesh, all-gathered so that a NaN on any rank reaches every rank."""
-    import torch.distributed as dist
-
-    local = x.to_local()  # type: ignore[attr-defined]
-    value = local.abs().max() if local.numel() else local.new_zeros(())
-    for group in mesh_groups([x]):
-        world = dist.get_world_size(group)
-        if world == 1:
-            continue
-        gathered = [torch.empty_like(value) for _ in range(world)]
-        dist.all_gather(gathered, value.contiguous(), group=group)
-        value = torch.stack(gathered).max()
-    return value
+    return _reduce([(x,) for x in a], _piece_max_abs, "max")  # type: ignore[no-any-return]
 
 
 def abs_sum(a: Vector) -> Tensor:
     """*reduction* ‖a‖₁, a 0-dim tensor."""
-    return _combine([_to_local_scalar(x.abs().sum()) for x in a], "sum")
+    if _is_plain(a):
+        return a[0].abs().sum()
+    return _reduce([(x,) for x in a], lambda x: x.abs().sum(), "sum")  # type: ignore[no-any-return]
 
 
-def loss_value(loss: Any, groups: Sequence[Any] = ()) -> float:
+def loss_value(loss: Any, groups: Sequence[Any] = (), device: torch.device | None = None) -> float:
     """*reduction* The value of a closure's loss as a Python float, averaged over ``groups``.
 
     A DTensor loss is made whole by DTensor. Then, for each process group in turn, the ranks'
     values are all-gathered; if they are all equal, the value is kept as it is (a loss that is
     already global is unchanged, bit for bit), else it becomes their mean, summed in rank order
-    (the same bits on every rank)."""
+    (the same bits on every rank). The all-gather runs on the host where the group takes host
+    tensors (gloo), else on the loss tensor's device, or ``device`` (:func:`collective_device`)."""
     if isinstance(loss, Tensor):
         loss = _to_local_scalar(loss.detach())
+        device = loss.device if device is None or loss.device.type != "cpu" else device
     value = float(loss)
     for group in groups:
-        value = _average(value, group)
+        value = _average(value, group, device)
     return value
 
 
-def _average(value: float, group: Any) -> float:
+def _average(value: float, group: Any, device: torch.device | None) -> float:
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     if world == 1:
         return value
-    mine = torch.tensor([value], dtype=torch.float64, device=_collective_device(group))
+    mine = torch.tensor([value], dtype=torch.float64, device=collective_device(group, device))
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    values = [float(t) for t in gathered]
+    values = torch.cat(gathered).tolist()  # one read of the device
     if all(v == values[0] for v in values):
-        return values[0]  # the loss is already global (or every rank's share has the same loss)
-    return sum(values) / world  # in rank order: the same bits on every rank
+        return values[0]  # type: ignore[no-any-return]  # the loss is already global
+    return sum(values) / world  # type: ignore[no-any-return]  # in rank order: the same bits on every rank
 
 
-def _collective_device(group: Any) -> torch.device:
-    import torch.distributed as dist
+def collective_device(group: Any, hint: torch.device | None = None) -> torch.device:
+    """Where a small tensor for a collective over ``group`` must live: the host if the group's
+    backend takes host tensors (gloo, a "cpu:gloo,cuda:nccl" group); else the device the group
+    is bound to, else ``hint`` (the parameters' or the loss's device) where the group takes its
+    type, else the current device of the group's device type. Not ``torch.cuda.current_device()``
+    blindly: a rank that never called ``set_device`` has device 0 current, which is another
+    rank's device under NCCL."""
+    types = [d.type for d in getattr(group, "_device_types", [])]
+    if not types:
+        import torch.distributed as dist
 
-    backend = str(dist.get_backend(group))
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        types = ["cuda"] if str(dist.get_backend(group)) == "nccl" else ["cpu"]
+    if "cpu" in types:
+        return torch.device("cpu")
+    bound = getattr(group, "bound_device_id", None)
+    if bound is not None:
+        return torch.device(bound)
+    if hint is not None and hint.type in types:
+        return hint if hint.index is not None else torch.device(hint.type, torch.get_device_module(hint.type)
+                                                                .current_device())
+    return torch.device(types[0], torch.get_device_module(types[0]).current_device())
 
 
 def mesh_groups(params: Sequence[Tensor]) -> list[Any]:
@@ -167,13 +264,26 @@ def mesh_groups(params: Sequence[Tensor]) -> list[Any]:
 
 def squared_norm(tensors: Sequence[Tensor]) -> float:
     """*reduction* Σ‖θ‖² over ``tensors`` (:func:`descend.regularization.l2_penalty`)."""
-    total = 0.0
-    buckets: dict[Any, list[Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault(id(t) if is_dtensor(t) else (t.device, t.dtype), []).append(t)
-    for group in buckets.values():
-        total += float(_to_local_scalar(regularization.l2_penalty(group).detach()))
-    return total
+    return squared_norms([tensors])[0]
+
+
+def squared_norms(lists: Sequence[Sequence[Tensor]]) -> list[float]:
+    """*reduction* :func:`squared_norm` of each list, with one collective for all their DTensors.
+
+    Plain tensors are summed per (device, dtype) bucket by ``l2_penalty``, DTensors one by one;
+    each list's total adds the buckets' values in order."""
+    buckets: list[tuple[int, list[Tensor]]] = []
+    for index, tensors in enumerate(lists):
+        keyed: dict[Any, list[Tensor]] = {}
+        for t in tensors:
+            keyed.setdefault(id(t) if is_dtensor(t) else (t.device, t.dtype), []).append(t)
+        buckets += [(index, group) for group in keyed.values()]
+    parts = _reduce([tuple(group) for _, group in buckets],
+                    lambda *group: regularization.l2_penalty([t.detach() for t in group]), "sum", combine=False)
+    totals = [0.0] * len(lists)
+    for (index, _), part in zip(buckets, parts, strict=True):
+        totals[index] += float(part)
+    return totals
 
 
 def first_step(grad: Vector, lr: float) -> Scalar:
@@ -357,6 +467,9 @@ class Objective:
         self.decays = list(weight_decays)
         self.maximize = maximize
         self.loss_groups = list(loss_groups)
+        first = space.params[0]
+        #: where the loss's collectives go on a backend without host tensors (NCCL)
+        self.device = first.to_local().device if is_dtensor(first) else first.device  # type: ignore[attr-defined]
         #: called once, with the closure's loss, after the first evaluation (the non-finite guard)
         self.guard: Callable[[Any], None] | None = None
 
@@ -367,7 +480,7 @@ class Objective:
         if self.guard is not None:
             guard, self.guard = self.guard, None
             guard(loss)
-        value = loss_value(loss, self.loss_groups)
+        value = loss_value(loss, self.loss_groups, self.device)
         grads: list[Tensor | None] = []
         decayed: dict[float, list[Tensor]] = {}
         for p, wd in zip(self.space.params, self.decays, strict=True):
@@ -380,8 +493,8 @@ class Objective:
             grads.append(g)
         if self.maximize:
             value = -value
-        for wd, params in decayed.items():
-            value += wd / 2 * squared_norm(params)
+        for wd, norm in zip(decayed, squared_norms(list(decayed.values())), strict=True):
+            value += wd / 2 * norm
         return loss, value, self.space.gather(grads)
 
     def at(self, saved: Sequence[Tensor], t: Scalar, d: Vector) -> tuple[float, Vector]:
@@ -531,6 +644,7 @@ class ClosureSolver(RegularizedOptimizer):
         check_int("max_iter", defaults["max_iter"], 1)
         if defaults["max_eval"] is None:
             defaults["max_eval"] = defaults["max_iter"] * 5 // 4  # torch's default
+        self._validate(defaults)  # options before parameters, as torch checks them
         self.last_stop: str | None = None
         _refuse_zero(type(self).__name__)
         self._loss_groups = _process_groups(process_group)
@@ -584,6 +698,12 @@ class ClosureSolver(RegularizedOptimizer):
             check_int("max_iter", max_iter, 1)
             param_group = {**param_group, "max_eval": max_iter * 5 // 4}
         if self.param_groups and isinstance(param_group, dict):
+            params = param_group.get("params")
+            named = "param_names" in param_group or (
+                isinstance(params, (list, tuple)) and any(isinstance(p, tuple) for p in params))
+            if named and "param_names" not in self.param_groups[0]:  # torch's refusal, before the settings' check
+                raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
+                                 "with names to the optimizer (allowed: names in every group or in none)")
             options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
             merged = {**self.defaults, **options}
             self._validate(merged)
@@ -750,11 +870,11 @@ class ClosureSolver(RegularizedOptimizer):
         """The non-finite check of the gradients at the step's starting point (every rank runs
         the same collectives, in order, for DTensor gradients, and so takes the same decision)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        if _grads_finite(grads):
+        nonfinite = _nonfinite_grads([p.grad for p in params])
+        if not any(nonfinite):
             return
         if self.nonfinite == "raise":
-            culprit = next(p for p in params if p.grad is not None and not all_finite(p.grad))
+            culprit = next(p for p, bad in zip(params, nonfinite, strict=True) if bad)
             raise FloatingPointError(f"non-finite gradient in {self._describe_param(culprit)}; nothing was "
                                      "changed (nonfinite='raise')")
         raise _Skipped(loss)
@@ -764,10 +884,17 @@ class ClosureSolver(RegularizedOptimizer):
         raise NotImplementedError
 
 
-def _grads_finite(grads: Sequence[Tensor]) -> bool:
-    """Every entry of every gradient is finite (DTensors over all their shards, one collective each)."""
-    plain = [g.to_dense() if g.is_sparse else g for g in grads if not is_dtensor(g) and g.numel()]
-    flags = [torch.isfinite(g).all() for g in plain]
-    finite = not flags or bool(torch.stack([f.cpu() for f in flags]).all())
-    return finite and all([all_finite(g) for g in grads if is_dtensor(g)])
+def _nonfinite_grads(grads: Sequence[Tensor | None]) -> list[bool]:
+    """For each gradient (None counts as finite): whether some entry is NaN or infinite, over
+    all shards of a DTensor, with one collective for all DTensor gradients and one read."""
+    present = [g.to_dense() if g is not None and g.is_sparse else g for g in grads]
+    dense = [g for g in present if g is not None]
+    if not dense:
+        return [False] * len(grads)
 
+    def flag(g: Tensor) -> Tensor:
+        return torch.isfinite(g).all().logical_not().to(torch.float32)  # (True for no entry at all)
+
+    flags = _reduce([(g,) for g in dense], flag, "max", combine=False)
+    read = iter(torch.stack([f.to(flags[0].device) for f in flags]).tolist())
+    return [g is not None and next(read) > 0 for g in present]
