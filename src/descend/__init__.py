@@ -9,10 +9,20 @@ model by rule and :func:`explain` shows what each parameter gets.
 from descend.explain import Explanation, GroupSummary, ParamRow, explain
 from descend.groups import param_groups
 from descend.optimizer import RegularizedOptimizer
+from descend.optimizers.adadelta import Adadelta
 from descend.optimizers.adafactor import Adafactor
+from descend.optimizers.adagrad import Adagrad
 from descend.optimizers.adam import Adam, AdamW
+from descend.optimizers.adamax import Adamax
+from descend.optimizers.asgd import ASGD
 from descend.optimizers.lion import Lion
+from descend.optimizers.muon import Muon
+from descend.optimizers.nadam import NAdam
+from descend.optimizers.radam import RAdam
+from descend.optimizers.rmsprop import RMSprop
+from descend.optimizers.rprop import Rprop
 from descend.optimizers.sgd import SGD
+from descend.optimizers.sparse_adam import SparseAdam
 from descend.regularization import DECAY_MODES, l1_penalty, l2_penalty
 from descend.solvers.cg import CG, ConjugateGradient
 from descend.solvers.lbfgs import LBFGS
@@ -27,6 +37,16 @@ __all__ = [
     "AdamW",
     "Adafactor",
     "Lion",
+    "Muon",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "ASGD",
+    "Rprop",
+    "SparseAdam",
     "LBFGS",
     "ConjugateGradient",
     "CG",
