@@ -294,3 +294,53 @@ def test_capturable_equals_torch_and_reads_nothing(case: str, foreach: bool) -> 
             scheduler.step()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("fresh_grads", [False, True], ids=["grads-in-buffer", "after-zero_grad"])
+@pytest.mark.parametrize("rule", ["AdamW-default", "SGD-default"])
+def test_a_flat_step_reads_no_step_counts_once_they_are_known_equal(rule: str, fresh_grads: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """flat=True groups a segment's parameters into one run when their step counts are equal;
+    after a step that stepped them all together they still are, and are not read again
+    (``tolist`` reads without ``_local_scalar_dense``, so it is counted apart)."""
+    tolist_calls = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(t.shape) or tolist(t))
+    model, plain = cpu_model(), cpu_model()
+    opt = FUSED[rule](model.parameters(), flat=True)
+    ref = FUSED[rule](plain.parameters())
+    for step in range(4):
+        for m, o in ((model, opt), (plain, ref)):
+            if fresh_grads or step == 0:
+                o.zero_grad()
+                backward(m, step)
+            else:  # the same gradient objects: backward accumulates into the buffer's views
+                for p in m.parameters():
+                    p.grad.zero_()
+                backward(m, step)
+        tolist_calls.clear()
+        with counting_reads() as mode:
+            opt.step()
+        ref.step()
+        if step >= 1:
+            assert mode.reads == 0 and tolist_calls == []
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # (flat vs non-flat: to rounding)
+
+
+def test_a_flat_step_splits_runs_again_when_a_parameter_had_no_gradient() -> None:
+    """The counts are read again after a step that left a parameter out: it has one step fewer."""
+    model, plain = cpu_model(), cpu_model()
+    opt = descend.AdamW(model.parameters(), lr=1e-2, flat=True)
+    ref = descend.AdamW(plain.parameters(), lr=1e-2)
+    for step in range(4):
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            backward(m, step)
+            if step == 1:
+                m[0].bias.grad = None
+            o.step()
+    steps = [int(opt.state[p]["step"]) for p in model.parameters()]
+    assert steps == [4, 3, 4, 4]
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -145,6 +145,9 @@ class _Segment:
     hi: int
     params: list[Tensor]
     grad_views: list[Tensor]
+    #: the last step stepped every parameter of the segment as one run, so their scalar state
+    #: (step counts) is still equal and need not be read again: on a GPU a read is a sync
+    uniform: bool = False
 
 
 @dataclass
@@ -362,11 +365,16 @@ class FlatStorage:
         """Maximal ranges of parameters that have a gradient and the same state keys and
         scalar state (so one call of the update rule covers them)."""
         b, lo, hi = seg.bucket, seg.lo, seg.hi
+        everyone = present is None or all(present)
+        if everyone and seg.uniform and not b.other:
+            return [(lo, hi)]
         keys = b.keys[lo:hi]
         scalars = {k: v[lo:hi].tolist() for k, v in b.scalars.items()}
-        if (present is None and not b.other and keys.count(keys[0]) == len(keys)
+        if (everyone and not b.other and keys.count(keys[0]) == len(keys)
                 and all(vals.count(vals[0]) == len(vals) for k, vals in scalars.items() if k in keys[0])):
+            seg.uniform = True
             return [(lo, hi)]
+        seg.uniform = False
         state = self.optimizer.state
 
         def signature(j: int) -> tuple[Any, ...]:
