@@ -25,7 +25,9 @@ def _adamw(model: nn.Module, **options) -> descend.AdamW:
         return descend.AdamW(descend.param_groups(model, weight_decay=0.05), lr=1e-3, **options)
 
 
-README_HEADER = "name      shape  group  lr     decay      weight_decay  factor   timescale  l1  rule"
+# README.md's table, with the columns added after rule: algorithm, dtypes, rounding, decay erased
+README_HEADER = ("name      shape  group  lr     decay      weight_decay  factor   timescale  l1  rule              "
+                 "algorithm  dtype    state_dtype  rounding  decay_erased")
 
 
 def test_timescale_column_of_every_mode() -> None:
@@ -49,8 +51,10 @@ def test_printed_table_keeps_its_format_and_shows_the_timescale() -> None:
     text = descend.explain(_adamw(_model()), width=200).format()
     lines = text.splitlines()
     header = lines.index(README_HEADER)
-    assert lines[header + 2] == "0.weight  8×4    0      0.001  decoupled  0.05          0.99995  19999.5    0   θ *= 1 − lr·0.05"
-    assert lines[header + 4] == "0.bias    8      1      0.001  decoupled  0             1        inf        0   none"
+    assert lines[header + 2] == ("0.weight  8×4    0      0.001  decoupled  0.05          0.99995  19999.5    0   "
+                                 "θ *= 1 − lr·0.05  adamw      float32  float32      nearest")
+    assert lines[header + 4] == ("0.bias    8      1      0.001  decoupled  0             1        inf        0   "
+                                 "none              adamw      float32  float32      nearest")
     assert lines[-1] == "6 parameters, 2 regularized, 4 not"
 
 
@@ -87,18 +91,21 @@ def test_to_json_gives_every_field_as_strict_json() -> None:
     text = json.dumps(data, allow_nan=False)  # strict JSON: no Infinity
     back = json.loads(text)
     assert back == data and len(back) == 6
-    assert set(back[0]) == {"name", "shape", "group", "lr", "decay", "weight_decay", "factor", "timescale", "l1", "rule"}
+    assert set(back[0]) == {"name", "shape", "group", "lr", "decay", "weight_decay", "factor", "timescale", "l1", "rule",
+                            "algorithm", "dtype", "state_dtype", "rounding", "decay_erased"}
     row = table["0.weight"]
     assert back[0] == {"name": "0.weight", "shape": [8, 4], "group": 0, "lr": 5e-4, "decay": "independent",
                        "weight_decay": 0.05, "factor": row.factor, "timescale": row.timescale, "l1": 0.0,
-                       "rule": "θ *= 1 − (lr/lr₀)·0.05"}
+                       "rule": "θ *= 1 − (lr/lr₀)·0.05", "algorithm": "adamw", "dtype": "float32",
+                       "state_dtype": "float32", "rounding": "nearest", "decay_erased": False}
     assert row.factor == pytest.approx(1 - 0.5 * 0.05)
     bias = next(r for r in back if r["name"] == "0.bias")
     assert bias["timescale"] is None and bias["factor"] == 1.0  # inf is null
     # every field of every row survives, inf as null
     for r, d in zip(table, back, strict=True):
         expected = ParamRow(d["name"], tuple(d["shape"]), d["group"], d["lr"], d["decay"], d["weight_decay"],
-                            d["factor"], math.inf if d["timescale"] is None else d["timescale"], d["l1"], d["rule"])
+                            d["factor"], math.inf if d["timescale"] is None else d["timescale"], d["l1"], d["rule"],
+                            d["algorithm"], d["dtype"], d["state_dtype"], d["rounding"], d["decay_erased"])
         assert r == expected
 
 
@@ -152,13 +159,17 @@ def test_columns_that_do_not_fit_are_dropped_from_the_right_with_a_note() -> Non
     assert table.format(width=widest).splitlines() == full
     narrow = table.format(width=80).splitlines()
     assert all(len(line) <= 80 for line in narrow)
-    assert narrow[-1] == "not shown (wider than 80 characters): rule"
+    assert narrow[-2:] == ["not shown (wider than 80 characters): rule, algorithm, dtype, state_dtype,",
+                           "  rounding, decay_erased"]  # the note wraps after a comma, at the width
     assert "name      shape  group  lr     decay      weight_decay  factor   timescale  l1" in narrow
-    assert len(narrow) == len(full) + 1  # one note line, nothing wrapped
+    assert len(narrow) == len(full) + 2  # two note lines, no row wrapped
     tiny = descend.explain(_adamw(_model()), width=30).format().splitlines()
-    assert all(len(line) <= 30 for line in tiny[:-2])  # the table; the count and the note run on
-    assert tiny[-1] == ("not shown (wider than 30 characters): decay, weight_decay, factor, timescale, l1, "
-                        "rule, group weight_decay, group l1, group parameters, group elements")
+    note = tiny.index("not shown (wider than 30 characters): decay,")  # (the note's start stays whole)
+    assert all(len(line) <= 30 for line in tiny[:note - 1])  # the table; the count runs on
+    assert all(len(line) <= 30 and line.startswith("  ") for line in tiny[note + 1:])
+    assert " ".join(line.strip() for line in tiny[note:]) == (
+        "not shown (wider than 30 characters): decay, weight_decay, factor, timescale, l1, rule, algorithm, dtype, "
+        "state_dtype, rounding, decay_erased, group weight_decay, group l1, group parameters, group elements")
     assert tiny[0] == "group  lr     decay" and tiny[tiny.index("") + 1] == "name      shape  group  lr"
 
 
@@ -172,7 +183,8 @@ def test_terminal_width_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
     table = descend.explain(_adamw(_model()))
     monkeypatch.setenv("COLUMNS", "70")
     lines = str(table).splitlines()
-    assert all(len(line) <= 70 for line in lines) and lines[-1].startswith("not shown (wider than 70 characters): ")
+    assert all(len(line) <= 70 for line in lines)
+    assert lines[-2].startswith("not shown (wider than 70 characters): ") and lines[-1].endswith("decay_erased")
     monkeypatch.setenv("COLUMNS", "400")
     assert not str(table).splitlines()[-1].startswith("not shown")
 
@@ -183,3 +195,43 @@ def test_a_bad_width_is_a_value_error() -> None:
         descend.explain(opt, width=0)
     with pytest.raises(ValueError, match=r"Invalid width: 80.0 "):
         descend.explain(opt).format(width=80.0)  # type: ignore[arg-type]
+
+
+def test_precision_columns_and_the_decay_erased_flag() -> None:
+    model = _model().bfloat16()
+    # bfloat16's half ulp is 2⁻⁹ ≈ 0.00195: lr·λ = 1e-3·0.05 = 5e-5 rounds away, lr·λ = 1e-1·0.05 does not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nearest = descend.AdamW(descend.param_groups(model, weight_decay=0.05), lr=1e-3)
+        kept = descend.AdamW(descend.param_groups(model, weight_decay=0.05), lr=1e-3, rounding="compensated",
+                             state_dtype=torch.float32)
+        loud = descend.AdamW(descend.param_groups(model, weight_decay=0.05), lr=1e-1)
+    assert 1e-3 * 0.05 < torch.finfo(torch.bfloat16).eps / 4 < 1e-1 * 0.05
+    table = descend.explain(nearest)
+    w, b = table["0.weight"], table["0.bias"]
+    assert (w.dtype, w.state_dtype, w.rounding, w.decay_erased) == ("bfloat16", "bfloat16", "nearest", True)
+    assert (b.dtype, b.decay_erased) == ("bfloat16", False)  # not decayed: nothing to erase
+    assert [r.name for r in table if r.decay_erased] == ["0.weight", "2.weight"]
+    text = table.format(width=1000).splitlines()
+    assert text[-1] == ("2 16-bit parameters whose decay rounding to nearest erases (decay_erased): a descend "
+                        "optimizer keeps it with rounding='compensated' or 'stochastic'")
+    row = next(line for line in text if line.startswith("0.weight"))
+    assert row.endswith("adamw      bfloat16  bfloat16     nearest   yes")
+    w = descend.explain(kept)["0.weight"]
+    assert (w.dtype, w.state_dtype, w.rounding, w.decay_erased) == ("bfloat16", "float32", "compensated", False)
+    assert not any(r.decay_erased for r in descend.explain(loud))
+    # torch.optim: state in the parameter's dtype, rounding to nearest; its AdamW decays the biases too
+    torch_rows = descend.explain(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05))
+    assert {(r.algorithm, r.dtype, r.state_dtype, r.rounding, r.decay_erased) for r in torch_rows} == {
+        ("adamw", "bfloat16", "bfloat16", "nearest", True)}
+    assert {r.algorithm for r in descend.explain(torch.optim.SGD(model.parameters(), lr=0.1))} == {"sgd"}
+    # float32 parameters ignore rounding, and nothing rounds away
+    fp32 = descend.explain(_adamw(_model(), rounding="stochastic"))["0.weight"]
+    assert (fp32.dtype, fp32.rounding, fp32.decay_erased) == ("float32", "nearest", False)
+
+
+def test_8bit_state_is_named() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(256, 4)
+    opt = _adamw(model, state_dtype="8bit")
+    assert descend.explain(opt)["weight"].state_dtype == "8bit"

@@ -4,9 +4,14 @@ r"""A readable account of what each parameter gets from an optimizer.
 weight decay, L1, and how many parameters and elements it holds), then one row per parameter: its
 name (where the optimizer was given names), shape, group, current lr, decay mode, weight decay,
 the factor f = 1 − s·λ that θ is multiplied by in one step at the current lr, the timescale
-τ = −1/ln f (the steps in which decay alone shrinks θ by e; :mod:`descend.timescale`), L1 and the
-rule in words. It reads torch.optim optimizers too (SGD and Adam decay coupled, AdamW
-decoupled), so a user can check a set-up before switching.
+τ = −1/ln f (the steps in which decay alone shrinks θ by e; :mod:`descend.timescale`), L1, the
+rule in words, the algorithm that steps it (a group's ``algorithm`` in :class:`descend.Muon`,
+``"muon"`` or ``"adamw"``; elsewhere the optimizer's class, lower-cased), its dtype, the dtype of
+its state, its rounding (:mod:`descend.precision`) and whether rounding to nearest erases its
+decay (a 16-bit parameter whose shrink per step is below half an ulp: the criterion of the
+warning :func:`descend.precision.erased_decay`). It reads torch.optim optimizers too (SGD and
+Adam decay coupled, AdamW decoupled; state in the parameter's dtype, rounding to nearest), so a
+user can check a set-up before switching.
 
 ``explain(optimizer, model=model)`` lists the rows in ``model.named_parameters()`` order, so that a
 layer's weight and bias sit together; :meth:`Explanation.to_json` gives the rows as data. Columns
@@ -25,7 +30,7 @@ from typing import Any
 
 import torch
 
-from descend import regularization
+from descend import precision, regularization
 from descend.timescale import timescale_of_factor
 from descend.validation import check_int
 
@@ -37,7 +42,10 @@ class ParamRow:
     """What one parameter gets. ``factor`` is 1 − s·λ for a decoupled mode and 1 for
     coupled decay, whose λ·θ goes into the gradient (``rule`` says which); ``timescale``
     is −1/ln(factor), the steps in which decay alone shrinks θ by e at the current lr
-    (``math.inf`` without decay and for coupled decay)."""
+    (``math.inf`` without decay and for coupled decay). ``algorithm`` is what steps it,
+    ``dtype`` and ``state_dtype`` the dtypes of the parameter and of its state (``"8bit"`` for
+    quantized state), ``rounding`` how its 16-bit updates are rounded (``"nearest"`` for float32
+    and float64), and ``decay_erased`` whether rounding to nearest leaves its decay undone."""
 
     name: str
     shape: tuple[int, ...]
@@ -49,6 +57,11 @@ class ParamRow:
     timescale: float
     l1: float
     rule: str
+    algorithm: str = ""
+    dtype: str = ""
+    state_dtype: str = ""
+    rounding: str = "nearest"
+    decay_erased: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,15 +125,35 @@ class Explanation:
             lines = group_lines + [""] + lines
         decayed = sum(1 for r in self.rows if r.weight_decay or r.l1)
         lines.append(f"{len(self.rows)} parameters, {decayed} regularized, {len(self.rows) - decayed} not")
+        erased = sum(1 for r in self.rows if r.decay_erased)
+        if erased:
+            lines += _wrap(f"{erased} 16-bit parameter{'s' if erased > 1 else ''} whose decay rounding to nearest "
+                           "erases (decay_erased): a descend optimizer keeps it with rounding='compensated' or "
+                           "'stochastic'", " ", limit)
         if dropped or group_dropped:
             named = ", ".join(dropped + [f"group {c}" for c in group_dropped])
-            lines.append(f"not shown (wider than {limit} characters): {named}")
+            lines += _wrap(f"not shown (wider than {limit} characters): {named}", ", ", limit)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.format()
 
     __repr__ = __str__
+
+
+def _wrap(text: str, sep: str, limit: int | None) -> list[str]:
+    """``text`` in lines of at most ``limit`` characters, broken after a ``sep`` (and not inside
+    its first piece: the start of a note stays whole), continued lines indented by two spaces."""
+    pieces = text.split(sep)
+    lines = [pieces[0]]
+    for i, piece in enumerate(pieces[1:], 2):
+        end = len(sep.rstrip()) if i < len(pieces) else 0  # room for the comma a break would leave
+        if limit is None or len(lines[-1]) + len(sep) + len(piece) + end <= limit:
+            lines[-1] += sep + piece
+        else:
+            lines[-1] += sep.rstrip()
+            lines.append("  " + piece)
+    return lines
 
 
 def _join(cells: list[str], widths: list[int]) -> str:
@@ -150,6 +183,8 @@ def _terminal_width() -> int | None:
 
 
 def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else ""
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, tuple):
@@ -202,8 +237,13 @@ def explain(optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None =
         factor = regularization.decay_factor(decay, lr, base_lr, wd)
         steps = timescale_of_factor(factor)
         rule = regularization.describe({"decay": decay, "weight_decay": wd, "l1": l1})
+        algorithm = str(group.get("algorithm") or type(optimizer).__name__.lower())
+        # (erased_decay reads a group's decay mode and lr₀ by descend's keys: torch's groups get them)
+        seen = {**group, "decay": decay, "base_lr": base_lr}
         for name, p in zip(names, group["params"], strict=True):
-            rows.append((ParamRow(str(name), tuple(p.shape), gi, lr, decay, wd, factor, steps, l1, rule), p))
+            dtype, stored, rounding, erased = precision.account(optimizer, p, seen)
+            rows.append((ParamRow(str(name), tuple(p.shape), gi, lr, decay, wd, factor, steps, l1, rule, algorithm,
+                                  dtype, stored, rounding, bool(erased)), p))
         groups.append(GroupSummary(gi, lr, decay, wd, l1, len(group["params"]),
                                    sum(p.numel() for p in group["params"])))
     if model is not None:

@@ -1,4 +1,4 @@
-"""Parameter groups built from a model by rule: what is decayed and what is not.
+"""Parameter groups built from a model by rule: what is decayed and what is not, and what Muon steps.
 
 Weight decay (and L1) is meant for the weights that multiply inputs. Biases, the scales
 and shifts of normalization layers, and embedding tables are conventionally left alone
@@ -22,6 +22,16 @@ tensor to the optimizer with the same ``weight_decay``. :func:`param_groups` spl
 
 The groups carry the parameter names, so any optimizer (torch's too) and
 :func:`descend.explain` can show them.
+
+**What Muon steps.** With ``muon=True`` each group also gets an ``algorithm`` for
+:class:`descend.Muon`: ``"muon"`` for the hidden weight matrices (the weights of ``nn.Linear``
+layers and convolutions inside the network, flattened to 2-D, and stacks of matrices such as
+mixture-of-experts weights [E, out, in], with ``matrix="stack"``), ``"adamw"`` for the rest:
+embeddings, the output layer (a Linear tied to an embedding, and the last ``nn.Linear`` or
+convolution the model registers), biases, norm parameters and every 0-D and 1-D tensor. The rule
+and its limits are in :mod:`descend.routing`; ``muon=`` patterns or a callable replace it. Decay
+is decided apart, by the rule above, so there are up to four groups: (Muon, AdamW) × (decayed,
+not), and a Muon group of ``matrix="stack"`` parameters beside each Muon group that needs one.
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from descend.routing import Routing
+from descend.validation import invalid
 
 __all__ = ["param_groups", "NO_DECAY_MODULES", "unwrap", "canonical_name"]
 
@@ -115,15 +128,49 @@ def _default_no_decay(model: nn.Module, patterns: Iterable[str]) -> Callable[[tu
     return rule
 
 
+#: what ``param_groups(muon=...)`` takes: the rule (True), none (False, None), patterns or a callable
+MuonRule = bool | str | Iterable[str] | Callable[[str, torch.Tensor], bool] | None
+
+
+def _muon_rule(model: nn.Module, muon: MuonRule) -> Callable[[tuple[str, ...], torch.Tensor], str | None]:
+    """Over a parameter's spellings: the ``matrix`` mode where Muon steps it, ``None`` where AdamW
+    does. ValueError for a ``muon=`` that is not a rule, and (at the call) for a parameter of
+    fewer than 2 dimensions that patterns or a callable give to Muon."""
+    routing = Routing(unwrap(model))
+    if muon is True:
+        return lambda spellings, param: routing.default(param)
+    chosen: Callable[[tuple[str, ...], torch.Tensor], bool]
+    if callable(muon):
+        replaced = muon
+        chosen = lambda spellings, param: bool(replaced(spellings[0], param))  # noqa: E731 - the plain name
+    else:
+        patterns = [muon] if isinstance(muon, str) else list(muon)  # type: ignore[arg-type]
+        if not all(isinstance(p, str) for p in patterns):
+            raise invalid("muon", muon, "True, False, name patterns (fnmatch) or a callable (name, param) -> bool")
+        chosen = lambda spellings, param: _matches(spellings, patterns)  # noqa: E731
+
+    def rule(spellings: tuple[str, ...], param: torch.Tensor) -> str | None:
+        if not chosen(spellings, param):
+            return None
+        if param.ndim < 2:
+            raise invalid("muon", muon, f"patterns or a callable that select parameters of 2 or more dimensions "
+                                        f"only; it selects {spellings[0]!r} of shape {tuple(param.shape)}")
+        return routing.matrix(param)
+
+    return rule
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
     *,
     l1: float = 0.0,
     no_decay: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    muon: MuonRule = False,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
-    """Split a model's trainable parameters into a decayed and a not-decayed group.
+    """Split a model's trainable parameters into a decayed and a not-decayed group (and, with
+    ``muon``, by what steps them).
 
     Args:
         model: the model (DDP- and ``torch.compile``-wrapped models are unwrapped).
@@ -133,15 +180,28 @@ def param_groups(
             against the name with and without wrapper prefixes (``module.fc.weight`` and
             ``fc.weight``), or a callable ``(name, param) -> bool`` that replaces the default
             rule and is given the name without prefixes.
-        **group_options: other options set on both groups (``lr``, ``decay``, …).
+        muon: groups for :class:`descend.Muon`: ``True`` sets each group's ``algorithm`` by the
+            rule of :mod:`descend.routing` (``"muon"`` for hidden weight matrices, ``"adamw"``
+            for embeddings, the output layer, biases, norms and 0-D/1-D tensors); name patterns
+            (matched as ``no_decay``'s) or a callable ``(name, param) -> bool`` replace that rule:
+            what they select is Muon's, the rest AdamW's, and selecting a parameter of fewer than
+            2 dimensions is a ValueError that names it. A Muon group's ``matrix`` is
+            ``"flatten"``, or ``"stack"`` for its parameters of 3 or more dimensions that are not
+            convolution weights. ``False`` (the default): no ``algorithm``, two groups at most.
+        **group_options: other options set on every group (``lr``, ``decay``, …). In Muon, an
+            AdamW group takes the options it lacks from ``Muon(adamw=...)``; ``weight_decay`` and
+            ``l1`` are always set here, by the decay rule.
 
     Returns:
         A list of parameter-group dicts whose ``params`` are ``(name, parameter)`` pairs:
-        first the decayed group, then the not-decayed one (an empty group is left out).
+        first the decayed group, then the not-decayed one (an empty group is left out). With
+        ``muon``: Muon's groups (``matrix="flatten"``, then ``"stack"``) before AdamW's, each
+        decayed before not decayed.
 
     Example::
 
         opt = descend.AdamW(descend.param_groups(model, weight_decay=0.05), lr=3e-4)
+        opt = descend.Muon(descend.param_groups(model, 0.1, muon=True), lr=0.02, adamw=dict(lr=3e-4))
     """
     rule: Callable[[tuple[str, ...], torch.Tensor], bool]
     if callable(no_decay):
@@ -150,18 +210,40 @@ def param_groups(
     else:
         patterns = [no_decay] if isinstance(no_decay, str) else list(no_decay or [])
         rule = _default_no_decay(unwrap(model), patterns)
-    decayed: list[tuple[str, nn.Parameter]] = []
-    kept: list[tuple[str, nn.Parameter]] = []
+    routed = muon is not False and muon is not None
+    if routed:
+        if not (muon is True or callable(muon) or isinstance(muon, (str, Iterable))):
+            raise invalid("muon", muon, "True, False, name patterns (fnmatch) or a callable (name, param) -> bool")
+        clash = sorted({"algorithm", "matrix"} & set(group_options))
+        if clash:
+            raise invalid(clash[0], group_options[clash[0]], "no value of its own where muon= routes the parameters")
+        route = _muon_rule(model, muon)
+    # (algorithm, matrix, decayed) → the group's (name, parameter) pairs, in the order of the groups
+    buckets: dict[tuple[str | None, str | None, bool], list[tuple[str, nn.Parameter]]] = {
+        key: [] for key in ([(a, m, d) for a, m in (("muon", "flatten"), ("muon", "stack"), ("adamw", None))
+                             for d in (True, False)] if routed else [(None, None, True), (None, None, False)])}
     # the wrapped model's names (module.fc.weight), for the patterns; tied parameters are reported once
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         spellings = _spellings(raw_name)
-        name = spellings[0]
-        (kept if rule(spellings, param) else decayed).append((name, param))
+        decayed = not rule(spellings, param)
+        key: tuple[str | None, str | None, bool]
+        if routed:
+            mode = route(spellings, param)
+            key = ("muon", mode, decayed) if mode is not None else ("adamw", None, decayed)
+        else:
+            key = (None, None, decayed)
+        buckets[key].append((spellings[0], param))
     groups = []
-    if decayed:
-        groups.append({"params": decayed, "weight_decay": weight_decay, "l1": l1, **group_options})
-    if kept:
-        groups.append({"params": kept, "weight_decay": 0.0, "l1": 0.0, **group_options})
+    for (algorithm, matrix, decayed), params in buckets.items():
+        if not params:
+            continue
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decayed else 0.0,
+                                 "l1": l1 if decayed else 0.0, **group_options}
+        if algorithm is not None:
+            group["algorithm"] = algorithm
+        if matrix is not None:
+            group["matrix"] = matrix
+        groups.append(group)
     return groups
