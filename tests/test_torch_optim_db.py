@@ -50,7 +50,7 @@ EARLIER = {"does not support complex parameters": ValueError}
 ACCEPTED = {("Muon", "Muon only supports 2D parameters"):
             "descend's Muon flattens a parameter of 3+ dimensions to a matrix (or steps a stack of them)"}
 #: trajectories known to differ, with the figure: an open defect, not a difference by design
-KNOWN_OFF = {("Muon", "Tensor lr"): "1.9e-8 off torch at step 1: torch computes with a tensor lr in float32"}
+KNOWN_OFF: dict[tuple[str, str], str] = {}
 
 
 def descend_class(name: str) -> type | None:

@@ -122,16 +122,17 @@ def matrix_shape(shape: torch.Size | tuple[int, ...], matrix: str = "flatten") -
     return 1, shape[0], math.prod(shape[1:])
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, rows: int, cols: int) -> float:
-    """γ·r(A, B): the lr the orthogonalized update of an A × B matrix is applied with."""
+def adjusted_lr(lr: float | Tensor, adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """γ·r(A, B): the lr the orthogonalized update of an A × B matrix is applied with (for a
+    tensor lr computed in its dtype, as torch's Muon does, then read once)."""
     if adjust_lr_fn == "match_rms_adamw":
         ratio = 0.2 * math.sqrt(max(rows, cols))
     else:  # None, "original"
         ratio = math.sqrt(max(1, rows / cols)) if cols else 1.0
-    return lr * ratio
+    return float(lr * ratio)
 
 
-def muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+def muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float | Tensor,
          momentum: float, nesterov: bool, ns_coefficients: tuple[float, float, float] = DEFAULT_COEFFICIENTS,
          ns_steps: int = DEFAULT_STEPS, eps: float = DEFAULT_EPS, adjust_lr_fn: str | None = None,
          matrix: str = "flatten") -> None:
@@ -249,19 +250,24 @@ def _muon_dtensors(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
 
     The element-wise part (the momentum, the update and its rounding to bfloat16, the add) runs on
     each rank's shards; the buffers stay sharded. The orthogonalization needs whole matrices (per
-    shard it is other math): a parameter sharded on one dimension of a 1-D mesh (FSDP2's
-    ``Shard(0)``) is assigned to one rank of the mesh (the largest first, each to the rank with the
-    least work so far), which receives its shards from every rank in one all-to-all for all such
-    parameters, orthogonalizes its matrices (same-shape ones batched, as in one process) and sends
-    each rank its shard of the result in a second all-to-all. Any other layout (replicated, several
-    mesh dimensions, strided shards) is gathered whole on every rank, orthogonalized there, and each
-    rank keeps its shard."""
+    shard it is other math): a parameter sharded on one dimension over one mesh dimension (FSDP2's
+    ``Shard(0)``) is assigned to one rank along that mesh dimension (the largest first, each to the
+    rank with the least work so far), which receives its shards from every rank in one all-to-all
+    for all such parameters, orthogonalizes its matrices (same-shape ones batched, as in one process) and sends
+    each rank its shard of the result in a second all-to-all (HSDP: the same within each replica).
+    A replicated parameter, or a stack (``matrix="stack"``) sharded on its stack dimensions only,
+    holds whole matrices on each rank, and each rank orthogonalizes its own. Any other layout
+    (sharded over several mesh dimensions, strided shards) is gathered whole on every rank,
+    orthogonalized there, and each rank keeps its shard."""
     coefficients = cast("tuple[float, float, float]", tuple(float(x) for x in ns_coefficients))
     local_p, local_g, local_m = [], [], []
     for p, g, m in zip(params, grads, bufs):
         if not is_dtensor(m) or m.placements != p.placements:  # type: ignore[attr-defined]
-            raise RuntimeError(f"Muon: the momentum buffer of a DTensor parameter of shape {tuple(p.shape)} must be "
-                               f"a DTensor with the parameter's placements {p.placements}")  # type: ignore[attr-defined]
+            raise RuntimeError(
+                f"Muon: the momentum buffer of a DTensor parameter of shape {tuple(p.shape)} is "
+                f"{'a DTensor with placements ' + str(m.placements) if is_dtensor(m) else 'a plain tensor'}, "  # type: ignore[attr-defined]
+                f"not sharded as the parameter ({p.placements}); load a sharded model's optimizer state with "  # type: ignore[attr-defined]
+                "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict, which shards it")
         if not is_dtensor(g):
             raise RuntimeError(f"Muon: a DTensor parameter of shape {tuple(p.shape)} has a gradient that is not one")
         if g.placements != p.placements:  # type: ignore[attr-defined]
@@ -275,14 +281,23 @@ def _muon_dtensors(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
     shapes = [matrix_shape(p.shape, matrix) if p.dim() > 2 else (0, p.shape[0], p.shape[1]) for p in params]
     alphas = [-adjusted_lr(lr, adjust_lr_fn, rows, cols) for _, rows, cols in shapes]
     owned: dict[int, tuple[Any, list[tuple[int, int, list[int]]]]] = {}
-    gathered = []
+    gathered, whole = [], []
     for i, p in enumerate(params):
+        if _holds_whole_matrices(p, matrix):
+            if updates[i].numel():  # (an empty shard of a stack: no matrix here)
+                whole.append(i)
+            continue
         layout = _one_dim_shards(p)
         if layout is None:
             gathered.append(i)
         else:
             group, dim, sizes = layout
             owned.setdefault(id(group), (group, []))[1].append((i, dim, sizes))
+    if whole:  # each rank orthogonalizes the matrices it holds: no communication
+        local_shapes = [matrix_shape(updates[i].shape, matrix) for i in whole]
+        for i, out in zip(whole, _orthogonalized([updates[i] for i in whole], local_shapes, coefficients, ns_steps,
+                                                 eps)):
+            local_p[i].add_(out, alpha=alphas[i])
     for group, members in owned.values():
         _owner_orthogonalizes(group, members, params, updates, shapes, alphas, local_p, coefficients, ns_steps, eps)
     if gathered:
@@ -294,31 +309,47 @@ def _muon_dtensors(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
         results = _orthogonalized(fulls, [shapes[i] for i in gathered], coefficients, ns_steps, eps)
         for i, out in zip(gathered, results):
             mesh = params[i].device_mesh  # type: ignore[attr-defined]
-            whole = DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False)
-            local_p[i].add_(whole.redistribute(mesh, params[i].placements).to_local(),  # type: ignore[attr-defined]
+            replicated = DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            local_p[i].add_(replicated.redistribute(mesh, params[i].placements).to_local(),  # type: ignore[attr-defined]
                             alpha=alphas[i])
 
 
+def _holds_whole_matrices(p: Any, matrix: str) -> bool:
+    """Whether each rank's shard of DTensor ``p`` is whole matrices: replicated, or a stack
+    (``matrix="stack"``) sharded only on its leading (stack) dimensions."""
+    for placement in p.placements:
+        if placement.is_replicate():
+            continue
+        if (type(placement).__name__ == "Shard" and matrix == "stack" and p.dim() > 2
+                and placement.dim % p.dim() < p.dim() - 2):
+            continue
+        return False
+    return True
+
+
 def _one_dim_shards(p: Any) -> tuple[Any, int, list[int]] | None:
-    """(process group, dim, each rank's length along dim) of a DTensor sharded on one dimension of
-    a 1-D mesh, as ``torch.chunk`` splits it (FSDP2's ``Shard(0)``, uneven and empty shards too);
-    None for any other layout."""
+    """(process group, dim, each rank's length along dim) of a DTensor sharded on one dimension
+    over one mesh dimension and replicated over any others, as ``torch.chunk`` splits it (FSDP2's
+    ``Shard(0)``, HSDP's ``(Replicate(), Shard(0))``, uneven and empty shards too); the group is
+    that mesh dimension's (each replica computes alike). None for any other layout."""
     mesh = p.device_mesh
-    if mesh.ndim != 1:
+    sharded = [d for d, placement in enumerate(p.placements) if not placement.is_replicate()]
+    if len(sharded) != 1:
         return None
-    placement = p.placements[0]
-    if type(placement).__name__ != "Shard":  # (_StridedShard, a subclass, lays shards out otherwise)
+    (mesh_dim,) = sharded
+    placement = p.placements[mesh_dim]
+    if type(placement).__name__ != "Shard":  # (_StridedShard, a subclass, lays shards out otherwise; Partial)
         return None
     dim = placement.dim % p.dim()
-    world = mesh.size()
+    world = mesh.size(mesh_dim)
     n = p.shape[dim]
     chunk = -(-n // world)
     sizes = [max(0, min(n, (r + 1) * chunk) - r * chunk) for r in range(world)]
     expected = list(p.shape)
-    expected[dim] = sizes[mesh.get_local_rank()]
+    expected[dim] = sizes[mesh.get_local_rank(mesh_dim)]
     if list(p.to_local().shape) != expected:  # (never seen: a layout this function does not know)
         return None
-    return mesh.get_group(0), dim, sizes
+    return mesh.get_group(mesh_dim), dim, sizes
 
 
 def _owner_orthogonalizes(group: Any, members: list[tuple[int, int, list[int]]], params: list[Tensor],
@@ -475,11 +506,15 @@ class Muon(RegularizedOptimizer):
     A group may also set ``matrix`` (``"flatten"``, the default, or ``"stack"``) for its
     parameters of 3 or more dimensions. The update rule, the decay and what differs from
     ``torch.optim.Muon`` are in the docstring of :mod:`descend.optimizers.muon`.
+    ``descend.param_groups(model, weight_decay, muon=True)`` builds the groups from a model: Muon
+    for its hidden weight matrices, AdamW for the rest (the rule is :mod:`descend.routing`'s).
     """
 
     state_spec = STATE
     # the AdamW groups' multi-tensor form (Muon groups have one form: see _implementation)
     _fast_paths = ("foreach",)
+    # a tensor lr stays one for the decay: torch's θ·(1 − γλ) is then computed in γ's dtype
+    _tensor_lr_paths = ("single", "foreach")
     _steps_complex = False
     _group_keys = ("momentum", "ns_coefficients", "ns_steps")
 
@@ -551,7 +586,9 @@ class Muon(RegularizedOptimizer):
         if group["algorithm"] == "adamw":
             self._adamw_update(batch, implementation)
             return
-        muon(batch.params, batch.grads, batch.state_list("momentum_buffer"), lr=scalar_value(group["lr"]),
+        lr = group["lr"]  # (a tensor lr stays one: torch scales it by r in its own dtype)
+        muon(batch.params, batch.grads, batch.state_list("momentum_buffer"),
+             lr=lr if isinstance(lr, Tensor) else scalar_value(lr),
              momentum=float(group["momentum"]), nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"],
              ns_steps=group["ns_steps"], eps=float(group["eps"]), adjust_lr_fn=group["adjust_lr_fn"],
              matrix=group["matrix"])
