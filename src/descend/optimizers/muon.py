@@ -50,6 +50,12 @@ itself, and the iteration divides it by its norm), so the buffer stops being an 
 gradients. descend orthogonalizes a copy: the buffer stays B_t above. On float32 and float64
 parameters, and with nesterov, the two agree.
 
+**Beyond one machine.** Under FSDP2 (DTensor parameters) each matrix is orthogonalized whole,
+not per shard (that would be other math: about 70% off in the tests): each matrix is assigned to
+one rank (largest first, to the least loaded), one all-to-all brings it its shards, it runs the
+same batched iteration as one process, and a second all-to-all sends each rank its shard of the
+result; the momentum stays sharded. Replicated parameters (DDP) need nothing.
+
 AdamW groups are :mod:`descend.optimizers.adam`'s rule (its functional kernels, with the same
 regularization pipeline): ``exp_avg``, ``exp_avg_sq`` and ``step`` in their state, ``betas`` and
 ``eps`` among their options. One ``state_dict`` holds both kinds.
