@@ -128,8 +128,14 @@ def test_a_fused_step_reads_nothing_on_the_host(rule: str) -> None:
         assert mode.reads == 0
 
 
+@pytest.fixture
+def device_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerators' path on the CPU: there the skip is decided on the host (a read is free)."""
+    monkeypatch.setattr(descend.RegularizedOptimizer, "_skip_on_device_on_cpu", True)
+
+
 @pytest.mark.parametrize("rule", FUSED)
-def test_nonfinite_skip_decides_on_the_device_in_fused_steps(rule: str) -> None:
+def test_nonfinite_skip_decides_on_the_device_in_fused_steps(rule: str, device_decides: None) -> None:
     model, plain = cpu_model(), cpu_model()
     opt = FUSED[rule](model.parameters(), nonfinite="skip")
     ref = FUSED[rule](plain.parameters())
@@ -344,3 +350,29 @@ def test_a_flat_step_splits_runs_again_when_a_parameter_had_no_gradient() -> Non
     assert steps == [4, 3, 4, 4]
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["AdamW-default", "SGD-default"])
+def test_on_the_cpu_the_skip_is_decided_on_the_host_with_the_same_results(rule: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One read of the flag (free on the CPU) instead of the kernels that keep it on the device;
+    parameters, state and skipped_steps as with the device's decision."""
+    def run(on_device: bool) -> tuple[list[torch.Tensor], int, list[int]]:
+        monkeypatch.setattr(descend.RegularizedOptimizer, "_skip_on_device_on_cpu", on_device)
+        model = cpu_model()
+        opt = FUSED[rule](model.parameters(), nonfinite="skip")
+        reads = []
+        for step in range(5):
+            opt.zero_grad()
+            backward(model, step)
+            if step == 2:
+                model[0].weight.grad[0, 0] = float("inf")
+            with counting_reads() as mode:
+                opt.step()
+            reads.append(mode.reads)
+        return [p.detach().clone() for p in model.parameters()], opt.skipped_steps, reads
+
+    host, device = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(host[0], device[0]))
+    assert host[1] == device[1] == 1
+    assert host[2][1:] == [1, 1, 1, 1] and device[2][1:] == [0, 0, 0, 0]

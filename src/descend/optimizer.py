@@ -581,6 +581,15 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         return all(regularization.plan(b.group, b.group["lr"]).applied_by(absorbs, maximize=b.group["maximize"])
                    for b in stepped)
 
+    #: whether ``nonfinite="skip"`` decides on the device even where every parameter is on the
+    #: CPU (the tests set it, to run the accelerators' path here)
+    _skip_on_device_on_cpu: bool = False
+
+    def _device_decides(self, batches: list[GroupBatch]) -> bool:
+        """Whether the skip is decided on the device: off the CPU, where a host read waits for
+        the device; on the CPU a read is free and the host's decision launches fewer kernels."""
+        return self._skip_on_device_on_cpu or not all(all(map(IS_CPU, b.params)) for b in batches)
+
     def _count_nonfinite_on_device(self, batches: list[GroupBatch], found_inf: Tensor | None) -> Tensor:
         """``nonfinite="skip"`` without a host read: a device flag, 1 where some gradient
         holds a NaN or an infinity, merged with GradScaler's and counted on the device."""
@@ -626,9 +635,11 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         scaled = grad_scale is not None or found_inf is not None  # GradScaler's step
         fused_skips = (scaled or self.nonfinite == "skip") and self._kernels_take_found_inf(batches)
-        # (a first step that is skipped must make no state: that takes the host's decision)
+        # (a first step that is skipped must make no state: that takes the host's decision; and
+        # on the CPU a read costs no sync, while the device's decision costs kernels per tensor)
         skip_on_device = self.nonfinite == "skip" and fused_skips and not any(
-            b.new or any(run.new for run in getattr(b, "runs", ())) for b in batches)
+            b.new or any(run.new for run in getattr(b, "runs", ())) for b in batches) and (
+            scaled or self._device_decides(batches))
         scaler_on_host = scaled and not (fused_skips and (self.nonfinite == "ignore" or skip_on_device))
         if scaler_on_host and found_inf is not None and bool(found_inf.item()):
             return loss  # GradScaler's skip (the scaled loss overflowed), not the guard's
