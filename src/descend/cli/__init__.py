@@ -1,5 +1,5 @@
-"""The ``descend`` command line: ``descend demo``, ``descend sweep`` (and ``descend bench``
-where that module is installed).
+"""The ``descend`` command line: ``descend demo``, ``descend sweep``, ``descend muon-demo`` (and
+``descend bench`` where that module is installed).
 
 Each subcommand lives in its own module, which exposes ``HELP`` (one line, optional),
 ``add_arguments(parser)``, ``check_args(args)`` (optional: checks that involve several options,
@@ -26,7 +26,8 @@ import descend
 from descend.cli.options import CommandError
 
 #: subcommand → module; a module that fails to import (``bench`` lives elsewhere) is left out.
-SUBCOMMANDS = {"demo": "descend.cli.demo", "sweep": "descend.cli.sweep", "bench": "descend.cli.bench"}
+SUBCOMMANDS = {"demo": "descend.cli.demo", "sweep": "descend.cli.sweep", "bench": "descend.cli.bench",
+               "muon-demo": "descend.cli.muon_demo"}
 _REQUIRED = {"demo", "sweep"}
 
 

@@ -23,10 +23,34 @@ Method (what makes the ratios trustworthy on a noisy, shared machine):
   on the smaller sets each has its own copies, so none profits from another's cache.
 
 Sets: ResNet-50 (161 tensors, 25.6M), GPT-2 small (148 tensors, 124.4M), a LoRA-style
-many-small set (2,000 × 1,000) and one 50M tensor; ``--quick`` shrinks the two large ones.
-Besides the torch comparison, per set it times what descend's own modes cost: independent
-decay and decoupled L1 against decoupled decay, ``nonfinite="skip"`` against no guard,
-and flat storage when each step brings new gradient tensors (after ``zero_grad()``).
+many-small set (2,000 × 1,000) and one 50M tensor; ``--quick`` shrinks the two large ones
+(on the CPU only: on a GPU their full size is cheap). Besides the torch comparison, per set it
+times what descend's own modes cost: independent decay and decoupled L1 against decoupled
+decay, ``nonfinite="skip"`` against no guard, and flat storage when each step brings new
+gradient tensors (after ``zero_grad()``).
+
+The "overhead" set is 150 tiny tensors (a small model's norms, biases and small matrices,
+9,300 parameters), stepped on one thread, where the time of a step is what an implementation
+spends per tensor and per step rather than what it moves: descend's AdamW (default, with
+``l1``, with ``nonfinite="skip"``, flat) and torch's foreach AdamW against torch's fused AdamW,
+each reported as the median over rounds of its time over torch fused's in the same round
+(target: at most 1.25×). No triad there: the rounds are short and a pass over arrays far
+larger than the caches would only add noise.
+
+``--device cuda`` runs every set on the GPU: parameters, gradients and the triad's arrays
+live there, and each step (and triad) is timed on the host clock between two
+``torch.cuda.synchronize()`` calls, so a time includes the host's launch overhead, which
+decides small steps.
+
+The "precision" set is AdamW on about 4M parameters (``--quick``: 0.26M) with
+``state_dtype`` float32, bfloat16 and 8-bit and on bfloat16 parameters with each ``rounding``:
+bytes of optimizer state per parameter and step time against torch's fused AdamW in float32
+(state dtypes) and bfloat16 (roundings); see :mod:`descend.cli.bench_precision`.
+
+``--sets muon`` (not among the default sets: on a CPU its GPT-2 matrices take minutes) times
+descend.Muon against torch.optim.Muon, interleaved the same way, on GPT-2 small's hidden
+matrices and on 256 matrices of 64 × 64 (targets: at least 1× and 5×); see
+:mod:`descend.cli.bench_muon`.
 """
 
 from __future__ import annotations
@@ -57,7 +81,10 @@ __all__ = ["add_arguments", "run", "main", "SETS", "param_shapes"]
 
 Shapes = list[tuple[int, ...]]
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SETS = ("resnet50", "gpt2", "many-small", "one-50m")
+SETS = ("resnet50", "gpt2", "many-small", "one-50m", "overhead", "precision")
+#: sets run only when ``--sets`` names them: "muon" (descend.cli.bench_muon's rows)
+OPT_IN_SETS = ("muon",)
+DEVICES = ("cpu", "cuda")
 #: the hyperparameters every candidate of an optimizer uses (torch's names).
 SETTINGS: dict[str, dict[str, Any]] = {
     "sgd": dict(lr=1e-4, momentum=0.9, weight_decay=1e-4),
@@ -66,6 +93,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 SHARE_ABOVE = 32_000_000  # elements: above this, non-flat candidates share parameters and gradients
+OVERHEAD_TARGET = 1.25  # descend's steps on the overhead set: at most this × torch's fused AdamW
+OVERHEAD_L1 = 1e-4
+OVERHEAD_ROUNDS = 2000  # at most; a round of the overhead set takes about a millisecond
 
 
 # --- parameter sets --------------------------------------------------------------------
@@ -92,6 +122,12 @@ def gpt2_shapes(layers: int = 12, vocab: int = 50257, width: int = 768, context:
     return [(vocab, d), (context, d)] + block * layers + [(d,), (d,)]
 
 
+def overhead_shapes() -> Shapes:
+    """150 tiny tensors, 9,300 parameters: 25 blocks of a small model's norm weight and bias,
+    a 16 × 16 matrix and its bias, and a 4 × 16 head and its bias."""
+    return [(16,), (16,), (16, 16), (16,), (4, 16), (4,)] * 25
+
+
 def param_shapes(name: str, quick: bool = False) -> tuple[str, Shapes]:
     """(label, shapes) of a parameter set."""
     if name == "resnet50":
@@ -104,6 +140,8 @@ def param_shapes(name: str, quick: bool = False) -> tuple[str, Shapes]:
         return "2,000 × 1,000 (LoRA-like)", [(1000,)] * 2000
     if name == "one-50m":
         return ("one 10M tensor" if quick else "one 50M tensor"), [(10_000_000 if quick else 50_000_000,)]
+    if name == "overhead":
+        return "150 tiny tensors", overhead_shapes()
     raise ValueError(f"Invalid set: {name!r} (allowed: {', '.join(SETS)})")
 
 
@@ -141,21 +179,22 @@ def _arrays(name: str, *, l1: bool = False, skip: bool = False, fresh: bool = Fa
     return base + 2 * l1 + skip + 2 * fresh
 
 
-def _torch_default_impl() -> str:
-    """What torch.optim does without flags for CPU parameters."""
+def _torch_default_impl(device: str = "cpu") -> str:
+    """What torch.optim does without flags for parameters on ``device``."""
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
-    fused, foreach = _default_to_fused_or_foreach([torch.zeros(1)], differentiable=False, use_fused=False)
+    fused, foreach = _default_to_fused_or_foreach([torch.zeros(1, device=device)], differentiable=False,
+                                                  use_fused=False)
     return "fused" if fused else "foreach" if foreach else "loop"
 
 
-def main_candidates(name: str) -> list[Candidate]:
+def main_candidates(name: str, device: str = "cpu") -> list[Candidate]:
     """torch.optim's three implementations against descend's default and flat steps."""
     kw = SETTINGS[name]
     torch_cls = getattr(torch.optim, TORCH_CLASSES[name])
     ours = getattr(descend, TORCH_CLASSES[name])
     n = _arrays(name)
-    default = _torch_default_impl()
+    default = _torch_default_impl(device)
     flags = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     def make(flag: dict[str, bool]) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
         return lambda p: torch_cls(p, **flag, **kw)
@@ -192,13 +231,42 @@ def mode_candidates(name: str, flat: bool) -> list[Candidate]:
     return rows
 
 
+def overhead_candidates() -> list[Candidate]:
+    """The overhead set's rows: torch's fused AdamW (the reference), its foreach AdamW, and
+    descend's AdamW by default, with L1, with the non-finite guard and flat."""
+    kw = SETTINGS["adamw"]
+    ref = "torch fused"
+    return [
+        Candidate(ref, lambda p: torch.optim.AdamW(p, fused=True, **kw), _arrays("adamw")),
+        Candidate("torch foreach", lambda p: torch.optim.AdamW(p, foreach=True, **kw), _arrays("adamw"),
+                  baseline=ref),
+        Candidate("descend (default)", lambda p: descend.AdamW(p, **kw), _arrays("adamw"), baseline=ref),
+        Candidate(f"descend l1={OVERHEAD_L1:g}", lambda p: descend.AdamW(p, l1=OVERHEAD_L1, **kw),
+                  _arrays("adamw", l1=True), baseline=ref),
+        Candidate('descend nonfinite="skip"', lambda p: descend.AdamW(p, nonfinite="skip", **kw),
+                  _arrays("adamw", skip=True), baseline=ref),
+        Candidate("descend flat=True", lambda p: descend.AdamW(p, flat=True, **kw), _arrays("adamw"), flat=True,
+                  baseline=ref),
+    ]
+
+
+#: the overhead rows held to :data:`OVERHEAD_TARGET` (the others are there for comparison)
+OVERHEAD_TARGETED = ("descend (default)", f"descend l1={OVERHEAD_L1:g}", 'descend nonfinite="skip"')
+
+
 # --- measuring -------------------------------------------------------------------------
 
 
-def _master(shapes: Shapes, seed: int) -> tuple[list[Tensor], list[Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    data = [torch.randn(s, generator=g).mul_(0.02) for s in shapes]
-    grads = [torch.randn(s, generator=g).mul_(1e-3) for s in shapes]
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (on a GPU a step returns before its kernels end)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _master(shapes: Shapes, seed: int, device: str = "cpu") -> tuple[list[Tensor], list[Tensor]]:
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on every device
+    data = [torch.randn(s, generator=g).mul_(0.02).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=g).mul_(1e-3).to(device) for s in shapes]
     return data, grads
 
 
@@ -223,11 +291,19 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def step_peak_bytes(step: Callable[[], Any]) -> int:
-    """Peak memory allocated during ``step()`` beyond what existed before it (CPU, from the
-    profiler's per-operator allocation records: allocations at an operator's start, frees
-    at its end)."""
+def step_peak_bytes(step: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak memory allocated during ``step()`` beyond what existed before it (CPU: from the
+    profiler's per-operator allocation records, allocations at an operator's start, frees
+    at its end; CUDA: the caching allocator's peak statistic)."""
     from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return max(torch.cuda.max_memory_allocated(device) - before, 0)
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -247,15 +323,19 @@ class Triad:
     """STREAM's triad a = b + s·c in float32 over arrays of ``megabytes`` each: 12 bytes
     moved per element (STREAM's convention: the write-allocate read of a is not counted)."""
 
-    def __init__(self, megabytes: int) -> None:
+    def __init__(self, megabytes: int, device: str = "cpu") -> None:
         n = megabytes * 2**20 // 4
-        self.a, self.b, self.c = torch.empty(n), torch.rand(n), torch.rand(n)
+        self.device = device
+        self.a, self.b, self.c = (torch.empty(n, device=device), torch.rand(n, device=device),
+                                  torch.rand(n, device=device))
         self.bytes = 3 * 4 * n
         self.times: list[float] = []
 
     def run(self) -> None:
+        synchronize(self.device)
         t = time.perf_counter()
         torch.add(self.b, self.c, alpha=0.5, out=self.a)
+        synchronize(self.device)
         self.times.append(time.perf_counter() - t)
 
     @property
@@ -263,13 +343,14 @@ class Triad:
         return self.bytes / statistics.median(self.times) / 1e9
 
 
-def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: int, triad: Triad,
+def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: int, triad: Triad | None,
             seed: int, memory: bool, log: Callable[[str], None], min_seconds: float = 0.0,
-            max_rounds: int = 200) -> None:
-    """Build every candidate, then step them round by round in random order: at least
-    ``steps`` timed rounds, more while they have taken less than ``min_seconds`` (cheap
-    comparisons get more samples), at most ``max_rounds``."""
-    data, grads = _master(shapes, seed)
+            max_rounds: int = 200, device: str = "cpu") -> None:
+    """Build every candidate on ``device``, then step them round by round in random order: at
+    least ``steps`` timed rounds, more while they have taken less than ``min_seconds`` (cheap
+    comparisons get more samples), at most ``max_rounds``. ``triad``: a member of every round
+    (None: none). On a GPU each step is timed between two synchronizations."""
+    data, grads = _master(shapes, seed, device)
     shared = _params(data, grads) if _numel(shapes) > SHARE_ABOVE else None
     for c in candidates:
         c.params = _params(data, grads) if c.flat or shared is None else shared
@@ -278,22 +359,29 @@ def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: 
             c.fresh = [g.clone() for g in grads]
     del data, grads
     rng = random.Random(seed)
-    order: list[Candidate | None] = [*candidates, None]  # None: the triad
+    order: list[Candidate | None] = [*candidates, None] if triad is not None else [*candidates]  # None: the triad
+    sync = torch.device(device).type == "cuda"
     r, timed_since = 0, 0.0
     while r < warmup + steps or (time.perf_counter() - timed_since < min_seconds and r < warmup + max_rounds):
         if r == warmup:
-            triad.times.clear()  # the triad's warm-up samples go too
+            if triad is not None:
+                triad.times.clear()  # the triad's warm-up samples go too
             timed_since = time.perf_counter()
         rng.shuffle(order)
         for member in order:
             if member is None:
-                triad.run()
+                if triad is not None:
+                    triad.run()
                 continue
             if member.fresh_grads:
                 for p, g in zip(member.params, member.fresh):
                     p.grad = g
+            if sync:
+                torch.cuda.synchronize(device)
             t = time.perf_counter()
             member.optimizer.step()
+            if sync:
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t
             if r >= warmup:
                 member.times.append(elapsed)
@@ -303,8 +391,9 @@ def measure(candidates: list[Candidate], shapes: Shapes, *, steps: int, warmup: 
             if c.fresh_grads:
                 for p, g in zip(c.params, c.fresh):
                     p.grad = g
-            c.peak_bytes = step_peak_bytes(c.optimizer.step)
-    log(f"    {r - warmup} rounds: " + ", ".join(f"{c.label} {c.median * 1e3:.1f} ms" for c in candidates))
+            c.peak_bytes = step_peak_bytes(c.optimizer.step, device)
+    unit, scale = ("µs", 1e6) if max(c.median for c in candidates) < 1e-3 else ("ms", 1e3)
+    log(f"    {r - warmup} rounds: " + ", ".join(f"{c.label} {c.median * scale:.1f} {unit}" for c in candidates))
 
 
 def release(candidates: list[Candidate]) -> None:
@@ -326,11 +415,13 @@ class Row:
     vs_baseline: float | None  # this time / baseline time, per round (modes: the cost, 1.0 = free); median
     baseline: str | None
     gbps: float
-    share: float  # of the triad's bandwidth measured in the same rounds
+    share: float | None  # of the triad's bandwidth measured in the same rounds (None: no triad)
     peak_mb: float | None
     spread: float  # interquartile range of the step times over their median
     rounds: int
     samples: list[float]
+    kind: str = "main"  # "main" (torch.optim vs descend), "modes" or "overhead"
+    device: str = "cpu"
 
 
 def paired_ratio(numerator: Candidate, denominator: Candidate) -> float:
@@ -339,10 +430,14 @@ def paired_ratio(numerator: Candidate, denominator: Candidate) -> float:
     return statistics.median(a / b for a, b in zip(numerator.times, denominator.times))
 
 
-def rows_for(set_label: str, name: str, candidates: list[Candidate], numel: int, triad_gbps: float) -> list[Row]:
+def rows_for(set_label: str, name: str, candidates: list[Candidate], numel: int, triad_gbps: float | None,
+             kind: str | None = None, device: str = "cpu") -> list[Row]:
+    """The rows of one comparison; ``kind`` defaults to "main" where torch's rows are there,
+    else "modes"."""
     torch_rows = {c.torch_impl: c for c in candidates if c.torch_impl}
     fastest = min(torch_rows.values(), key=lambda c: c.median) if torch_rows else None
-    default = torch_rows.get(_torch_default_impl())
+    default = torch_rows.get(_torch_default_impl(device))
+    kind = kind or ("main" if torch_rows else "modes")
     by_label = {c.label: c for c in candidates}
     out = []
     for c in candidates:
@@ -351,13 +446,14 @@ def rows_for(set_label: str, name: str, candidates: list[Candidate], numel: int,
         q1, _, q3 = statistics.quantiles(c.times, n=4) if len(c.times) > 1 else (c.median, 0, c.median)
         out.append(Row(set_label, TORCH_CLASSES[name], c.label, c.median * 1e3,
                        paired_ratio(fastest, c) if fastest else None, paired_ratio(default, c) if default else None,
-                       paired_ratio(c, base) if base else None, c.baseline, gbps, gbps / triad_gbps,
+                       paired_ratio(c, base) if base else None, c.baseline, gbps,
+                       gbps / triad_gbps if triad_gbps else None,
                        c.peak_bytes / 2**20 if c.peak_bytes is not None else None, (q3 - q1) / c.median,
-                       len(c.times), [t * 1e3 for t in c.times]))
+                       len(c.times), [t * 1e3 for t in c.times], kind, device))
     return out
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -375,6 +471,9 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
+        "cuda": torch.version.cuda,
     }
 
 
@@ -388,10 +487,10 @@ def table(rows: list[Row]) -> str:
              "| speed-up vs torch's default | GB/s | % of triad | extra MB in step |",
              "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        if r.baseline is not None or r.vs_fastest is None:
+        if r.kind != "main" or r.baseline is not None or r.vs_fastest is None:
             continue
         lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {r.spread:.0%} | {r.vs_fastest:.2f}× | "
-                     f"{_f(r.vs_default, '.2f')}× | {r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
+                     f"{_f(r.vs_default, '.2f')}× | {r.gbps:.1f} | {_f(r.share, '.0%')} | {_f(r.peak_mb, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -401,10 +500,30 @@ def modes_table(rows: list[Row]) -> str:
              "| GB/s | % of triad | extra MB in step |",
              "|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        if r.vs_fastest is not None:
+        if r.kind != "modes" or r.vs_fastest is not None:
             continue
         lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms:.1f} | {r.spread:.0%} | "
-                     f"{_f(r.vs_baseline, '.2f')} | {r.gbps:.1f} | {r.share:.0%} | {_f(r.peak_mb, '.1f')} |")
+                     f"{_f(r.vs_baseline, '.2f')} | {r.gbps:.1f} | {_f(r.share, '.0%')} | {_f(r.peak_mb, '.1f')} |")
+    return "\n".join(lines)
+
+
+def overhead_verdict(row: Row) -> str:
+    """Whether an overhead row meets :data:`OVERHEAD_TARGET` ("" for rows not held to it)."""
+    if row.label not in OVERHEAD_TARGETED or row.vs_baseline is None:
+        return ""
+    return f"≤ {OVERHEAD_TARGET:g}×: " + ("met" if row.vs_baseline <= OVERHEAD_TARGET else "missed")
+
+
+def overhead_table(rows: list[Row]) -> str:
+    """The overhead set as a Markdown table: each row's time over torch's fused AdamW."""
+    lines = ["| set | optimizer | implementation | step µs (median) | spread | time vs torch fused | target |",
+             "|---|---|---|--:|--:|--:|---|"]
+    for r in rows:
+        if r.kind != "overhead":
+            continue
+        ratio = 1.0 if r.baseline is None else r.vs_baseline
+        lines.append(f"| {r.set} | {r.optimizer} | {r.label} | {r.ms * 1e3:.1f} | {r.spread:.0%} | "
+                     f"{_f(ratio, '.2f')}× | {overhead_verdict(r)} |")
     return "\n".join(lines)
 
 
@@ -433,8 +552,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``descend bench`` (also ``python benchmarks/step_speed.py``)."""
     parser.add_argument("--quick", action="store_true",
                         help="smaller GPT-2 and single-tensor sets and fewer rounds (about a minute)")
-    parser.add_argument("--sets", default=",".join(SETS), type=_names_arg(SETS, "--sets"),
-                        help=f"comma-separated parameter sets (default: all of {', '.join(SETS)})")
+    parser.add_argument("--sets", default=",".join(SETS), type=_names_arg(SETS + OPT_IN_SETS, "--sets"),
+                        help=f"comma-separated parameter sets (default: all of {', '.join(SETS)}; "
+                             "muon: descend.Muon against torch.optim.Muon, only when named)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), type=_names_arg(OPTIMIZERS, "--optimizers"),
                         help=f"comma-separated optimizers (default: {', '.join(OPTIMIZERS)})")
     parser.add_argument("--steps", type=options.positive_int, default=None,
@@ -444,12 +564,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="go on with more rounds (up to 200) until the timed ones took this long "
                              "(default 5, 1 with --quick): cheap comparisons get more samples")
     parser.add_argument("--threads", type=options.int_in(1, MAX_THREADS), default=2,
-                        help="intra-op threads (default 2)")
+                        help="intra-op threads (default 2; the overhead set always runs on one)")
     parser.add_argument("--no-modes", action="store_true",
                         help="skip the cost of descend's modes (independent decay, L1, nonfinite, new grads)")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled step that measures memory")
     parser.add_argument("--triad-mb", type=options.int_in(1, MAX_TRIAD_MB), default=256,
                         help="size of each triad array in MiB (default 256)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where parameters, gradients and the triad live (default cpu; cuda: the current GPU)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample and the machine to PATH")
     parser.add_argument("--seed", type=options.seed, default=0)
 
@@ -470,11 +592,21 @@ def _physical_memory() -> int | None:
 
 def check_resources(args: argparse.Namespace) -> None:
     """What the command will need, checked before any work: the triad's three arrays fit in
-    this machine's memory, and the ``--json`` file can be written. :class:`CommandError` otherwise."""
-    memory = _physical_memory()
+    this machine's (or the GPU's) memory, the ``--device`` is there, and the ``--json`` file can
+    be written. :class:`CommandError` otherwise."""
+    device = getattr(args, "device", "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+            raise options.CommandError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, "
+                                       f"{built})")
+        memory: int | None = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        where = "the GPU's"
+    else:
+        memory, where = _physical_memory(), "this machine's"
     if memory is not None and 3 * args.triad_mb * 2**20 > memory:
         raise options.CommandError(f"--triad-mb {args.triad_mb}: the triad's three arrays of {args.triad_mb} MiB "
-                                   f"do not fit in this machine's {memory / 2**30:.1f} GiB of memory")
+                                   f"do not fit in {where} {memory / 2**30:.1f} GiB of memory")
     if args.json:
         options.check_output_file(args.json)
 
@@ -482,7 +614,7 @@ def check_resources(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; print the tables; 0 on success."""
     try:
-        sets = _names(args.sets, SETS, "--sets")
+        sets = _names(args.sets, SETS + OPT_IN_SETS, "--sets")
         optimizers = _names(args.optimizers, OPTIMIZERS, "--optimizers")
     except ValueError as e:
         print(f"descend bench: {e}", file=sys.stderr)
@@ -505,17 +637,39 @@ def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    info = machine()
-    triad = Triad(args.triad_mb)
+    device = getattr(args, "device", "cpu")
+    info = machine(device)
+    triad: Triad | None = None  # made when a set needs it (the overhead set does not)
     triad_all: list[float] = []
     rows: list[Row] = []
+    muon_rows: list[Any] = []  # descend.cli.bench_muon.MuonRow
+    precision_rows: list[Any] = []  # descend.cli.bench_precision.PrecisionRow
     started = time.perf_counter()
     for set_name in sets:
-        label, shapes = param_shapes(set_name, args.quick)
+        if set_name == "muon":
+            from descend.cli import bench_muon
+
+            muon_rows += bench_muon.bench_muon(quick=args.quick and device == "cpu", steps=args.steps,
+                                               warmup=args.warmup, min_seconds=args.min_seconds, seed=args.seed,
+                                               device=device, log=log)
+            continue
+        if set_name == "precision":
+            from descend.cli import bench_precision
+
+            precision_rows += bench_precision.precision_rows(args.quick and device == "cpu", steps=args.steps,
+                                                             warmup=args.warmup, min_seconds=args.min_seconds,
+                                                             seed=args.seed, device=device, log=log)
+            continue
+        label, shapes = param_shapes(set_name, args.quick and device == "cpu")
         numel = _numel(shapes)
-        log(f"{label}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters")
+        log(f"{label}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters, on {device}")
+        if set_name == "overhead":
+            rows += _overhead(args, label, shapes, steps, min_seconds, device, log)
+            continue
+        if triad is None:
+            triad = Triad(args.triad_mb, device)
         for name in optimizers:
-            comparisons = [("torch.optim vs descend", main_candidates(name))]
+            comparisons = [("torch.optim vs descend", main_candidates(name, device))]
             if not args.no_modes and name in ("sgd", "adamw"):
                 comparisons += [("modes", mode_candidates(name, flat=False)),
                                 ("flat modes", mode_candidates(name, flat=True))]
@@ -523,35 +677,77 @@ def _run(args: argparse.Namespace, sets: list[str], optimizers: list[str], steps
                 log(f"  {TORCH_CLASSES[name]}, {what}")
                 triad.times.clear()
                 measure(candidates, shapes, steps=steps, warmup=args.warmup, triad=triad, seed=args.seed,
-                        memory=not args.no_memory, log=log, min_seconds=min_seconds)
+                        memory=not args.no_memory, log=log, min_seconds=min_seconds, device=device)
                 triad_all += triad.times
-                rows += rows_for(label, name, candidates, numel, triad.gbps)
+                rows += rows_for(label, name, candidates, numel, triad.gbps, device=device)
                 release(candidates)
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    info["triad_gbps_median"] = round(3 * 4 * (args.triad_mb * 2**20 // 4) / statistics.median(triad_all) / 1e9, 2)
+    info["triad_gbps_median"] = (round(3 * 4 * (args.triad_mb * 2**20 // 4) / statistics.median(triad_all) / 1e9, 2)
+                                 if triad_all else None)
     info["minutes"] = round((time.perf_counter() - started) / 60, 1)
     command = "descend bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     print(f"Command: `{command.strip()}`\n")
-    print(f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}, "
-          f"{args.threads} threads; load average {info['load_average']} at start, "
+    gpu = f"; GPU {info['gpu']} (CUDA {info['cuda']})" if info["gpu"] else ""
+    print(f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB{gpu}; torch {info['torch']}, "
+          f"{args.threads} threads; device {device}; load average {info['load_average']} at start, "
           f"{info['load_average_end']} at end; {info['date']}; {info['minutes']} min.\n")
-    print(f"Triad bandwidth (median over all rounds): {info['triad_gbps_median']} GB/s; "
-          f"per comparison {args.warmup} warm-up rounds, then at least {steps} timed rounds and at least "
-          f"{min_seconds:g} s of them (at most 200). Speed-ups and costs are medians over rounds of the "
-          "ratio of two candidates' times in the same round; spread is the interquartile range over the "
-          "median.\n")
-    print(table(rows))
-    if any(r.vs_fastest is None for r in rows):
-        print()
-        print(modes_table(rows))
+    if triad_all:
+        print(f"Triad bandwidth (median over all rounds): {info['triad_gbps_median']} GB/s; "
+              f"per comparison {args.warmup} warm-up rounds, then at least {steps} timed rounds and at least "
+              f"{min_seconds:g} s of them (at most 200). Speed-ups and costs are medians over rounds of the "
+              "ratio of two candidates' times in the same round; spread is the interquartile range over the "
+              "median.\n")
+        print(table(rows))
+        if any(r.kind == "modes" for r in rows):
+            print()
+            print(modes_table(rows))
+    if any(r.kind == "overhead" for r in rows):
+        if triad_all:
+            print()
+        print(f"Per-step overhead on {len(overhead_shapes())} tiny tensors, one thread: each row's time over torch's "
+              f"fused AdamW in the same round, median over rounds (at most {OVERHEAD_ROUNDS}); descend's default, "
+              f"L1 and non-finite guard are held to {OVERHEAD_TARGET:g}×.\n")
+        print(overhead_table(rows))
+    if precision_rows:
+        from descend.cli.bench_precision import precision_table
+
+        if rows:
+            print()
+        print(f"Low precision: AdamW on {precision_rows[0].numel:,} parameters; bytes of optimizer state per "
+              "parameter, and each row's step time over its reference's in the same round, median over rounds.\n")
+        print(precision_table(precision_rows))
+    if muon_rows:
+        from descend.cli.bench_muon import muon_report
+
+        if rows or precision_rows:
+            print()
+        print(muon_report(muon_rows))
     if args.json:
         doc = {"machine": info, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-               "rows": [r.__dict__ for r in rows]}
+               "rows": [r.__dict__ for r in rows], "muon_rows": [r.__dict__ for r in muon_rows],
+               "precision_rows": [r.record() for r in precision_rows]}
         try:
             atomic_write_text(args.json, json.dumps(doc, indent=1, default=str))
         except OSError as e:
             raise options.CommandError(f"cannot write {args.json!r}: {e.strerror or e}") from None
     return 0
+
+
+def _overhead(args: argparse.Namespace, label: str, shapes: Shapes, steps: int, min_seconds: float, device: str,
+              log: Callable[[str], None]) -> list[Row]:
+    """The overhead set's comparison, on one thread (what a step costs per tensor, not in parallel)."""
+    candidates = overhead_candidates()
+    log("  AdamW, per-step overhead against torch fused")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        measure(candidates, shapes, steps=steps, warmup=args.warmup, triad=None, seed=args.seed, memory=False,
+                log=log, min_seconds=min_seconds, max_rounds=OVERHEAD_ROUNDS, device=device)
+    finally:
+        torch.set_num_threads(threads)
+    rows = rows_for(label, "adamw", candidates, _numel(shapes), None, kind="overhead", device=device)
+    release(candidates)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,11 @@ that are exactly 0, over training, one line per run), ``results.json`` (everythi
 included), ``results.csv`` (the table) and ``weights.pt`` (the final parameters of each run,
 flattened). Results are written after each run, so an interrupted demo keeps the runs it
 finished.
+
+Then a low-precision section (:mod:`descend.cli.lowprec`; ``--only lowprec`` runs it alone, any
+other ``--only`` skips it): AdamW in float32, with bfloat16 and 8-bit state, and on bfloat16
+parameters rounded to nearest, compensated and stochastically, 20 epochs, 3 seeds (``--quick``:
+1); its table is printed and ``lowprec.png`` and ``lowprec.json`` are written into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import shlex
@@ -40,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 import descend
-from descend.cli import digits, options
+from descend.cli import digits, lowprec, options
 from descend.cli.digits import Digits, History
 
 HELP = "train on the digits data under each kind of regularization; write a figure, a table, JSON and CSV"
@@ -353,21 +357,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join([line(rows[0]), line(["-" * w for w in widths])] + [line(r) for r in rows[1:]])
 
 
-def _finite(x: Any) -> Any:
-    """JSON has no NaN: non-finite floats become null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
-
 
 def write_results(out: str, meta: dict[str, Any], runs: list[Run], comparisons: list[dict[str, Any]]) -> None:
     records = [r.record() for r in runs]
     doc = {**meta, "runs": records, "comparisons": comparisons}
-    digits.atomic_write_text(f"{out}/results.json", json.dumps(_finite(doc), indent=1, ensure_ascii=False) + "\n")
+    digits.write_json(f"{out}/results.json", doc)
     buf = io.StringIO()
     keys = ["name", "label", "optimizer", "model", "train_loss", "test_acc", "norm", "zero_share", "steps",
             "passes", "time_s"]
@@ -417,12 +411,14 @@ def plot(path: str, runs: list[Run], title: str) -> None:
 # --- the command -----------------------------------------------------------------------
 
 #: what the demo writes into ``--out`` (checked before the work starts)
-OUTPUTS = ("demo.png", "results.json", "results.csv", "weights.pt")
+OUTPUTS = ("demo.png", "results.json", "results.csv", "weights.pt", *lowprec.OUTPUTS)
+#: the name of the low-precision section in ``--only``
+LOWPREC = "lowprec"
 
 
 def _run_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    known = [c.name for c in configurations()]
+    known = [c.name for c in configurations()] + [LOWPREC]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown run {', '.join(map(repr, unknown)) or repr(text)} "
@@ -442,7 +438,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"epochs of each minibatch run (default: {EPOCHS}; the full-batch runs always get "
                         f"{FULL_BATCH_PASSES} gradient evaluations)")
     parser.add_argument("--only", type=_run_names, metavar="RUN[,RUN...]",
-                        help=f"run only these (names as in the table: {', '.join(c.name for c in configurations())})")
+                        help=f"run only these (names as in the table: {', '.join(c.name for c in configurations())}; "
+                        f"{LOWPREC}: the low-precision section)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -451,6 +448,8 @@ def run(args: argparse.Namespace) -> int:
     digits.require("sklearn", "matplotlib", "tqdm", "scipy")
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     configs = [c for c in configurations() if args.only is None or c.name in args.only]
+    if not configs:  # --only lowprec
+        return _lowprec(out, args)
     progress = _Progress(enabled=not args.no_progress)
     argv = getattr(args, "argv", None)
     meta: dict[str, Any] = {
@@ -498,6 +497,18 @@ def run(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - start:.0f} s)")
     if interrupted:
         print(f"descend demo: interrupted; kept the {len(runs)} finished runs in {out}", file=sys.stderr)
+        return 130
+    if args.only is None or LOWPREC in args.only:
+        return _lowprec(out, args)
+    return 0
+
+
+def _lowprec(out: str, args: argparse.Namespace) -> int:
+    """The low-precision section (:func:`descend.cli.lowprec.section`)."""
+    try:
+        lowprec.section(out, args.seed, args.quick, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print("descend demo: interrupted in the low-precision section", file=sys.stderr)
         return 130
     return 0
 

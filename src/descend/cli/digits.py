@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import os
 import time
@@ -52,6 +53,22 @@ def atomic_write_text(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _json_ready(x: Any) -> Any:
+    """JSON has no NaN or infinity: non-finite floats become null (tuples become lists)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
+
+
+def write_json(path: str, doc: Any) -> None:
+    """Write ``doc`` as indented JSON, atomically, non-finite floats as null."""
+    atomic_write_text(path, json.dumps(_json_ready(doc), indent=1, ensure_ascii=False) + "\n")
 
 
 @contextmanager
