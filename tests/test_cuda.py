@@ -167,6 +167,14 @@ def test_a_tensor_lr_equals_torch_fused_with_it(rule: str, where: str) -> None:
     assert_moved(got)
 
 
+@pytest.mark.parametrize("rule", ("Adam", "AdamW"))
+def test_a_device_tensor_lr_on_the_for_loop_form_equals_torch_s_bit_for_bit(rule: str) -> None:
+    """descend copies the lr to the host once per step where torch reads it per parameter."""
+    got, _ = run(ours(rule, lr=torch.tensor(LR[rule], device=DEV), foreach=False, **DECAY[rule]))
+    expected, _ = run(theirs(rule, lr=torch.tensor(LR[rule], device=DEV), foreach=False, **DECAY[rule]))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_a_host_tensor_lr_on_the_foreach_path_equals_a_number() -> None:
     got, _ = run(ours("AdamW", lr=torch.tensor(1e-2), foreach=True))
     expected, _ = run(theirs("AdamW", lr=1e-2, foreach=True))

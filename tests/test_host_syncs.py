@@ -376,3 +376,36 @@ def test_on_the_cpu_the_skip_is_decided_on_the_host_with_the_same_results(rule: 
     assert all(torch.equal(a, b) for a, b in zip(host[0], device[0]))
     assert host[1] == device[1] == 1
     assert host[2][1:] == [1, 1, 1, 1] and device[2][1:] == [0, 0, 0, 0]
+
+
+class _AnswerMetaReads(TorchDispatchMode):
+    """Counts the reads of values of meta tensors (a device without data) and answers each with
+    a dummy, so that a step that reads can go on and be counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if first is not None and first.is_meta:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads += 1
+                return 1.0
+            if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+                self.reads += 1
+                return torch.full(first.shape, 1e-3, dtype=kwargs.get("dtype") or first.dtype)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("rule", ["Adam", "AdamW", "Adam-amsgrad"])
+def test_a_device_tensor_lr_on_the_for_loop_form_is_read_once_per_step(rule: str) -> None:
+    """torch's for-loop Adam reads a tensor lr once per parameter (addcdiv_ takes the step size
+    as a number); descend copies it to the host once per step, with the same step sizes."""
+    with _AnswerMetaReads():
+        opt = RULES[rule](meta_params() + meta_params() + meta_params(), lr=torch.tensor(1e-3, device="meta"), foreach=False)
+        opt.step()
+    with _AnswerMetaReads() as mode:
+        opt.step()
+    assert mode.reads == 1

@@ -98,10 +98,19 @@ def adam(
     # then computed in the tensors' dtype); torch's other forms take them as numbers.
     keep_betas = implementation == "single"
     beta1, beta2 = (b.reshape(()) if keep_betas and isinstance(b, Tensor) else float(b) for b in (beta1, beta2))
+    if implementation == "single" and not capturable:
+        # the for-loop form hands each parameter's step size to addcdiv_ as a number: from a tensor
+        # on a device that is one read (a sync) per parameter. One copy to the host per step
+        # instead; the host's IEEE arithmetic rounds the step sizes exactly as the device's would
+        lr, beta1, beta2 = (_on_host(x) for x in (lr, beta1, beta2))
     extra = dict(grad_scale=grad_scale, found_inf=found_inf) if implementation == "fused" else {}
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
          beta2=beta2, eps=eps, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay,
          decoupled=decoupled, **extra)
+
+
+def _on_host(x: Any) -> Any:
+    return x.cpu() if isinstance(x, Tensor) and not x.is_cpu else x
 
 
 def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
