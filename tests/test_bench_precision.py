@@ -116,8 +116,12 @@ def test_the_in_place_kahan_write_back_equals_split(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_a_compensated_step_compiled_equals_eager(monkeypatch: pytest.MonkeyPatch, flat: bool) -> None:
-    """End to end, on parameters large enough for the compiled kernels (flat: views into one buffer)."""
-    from descend import precision
+    """End to end, on parameters large enough for the compiled kernels (flat: views into one buffer).
+    The conversions of the general path only: the one-pass step is compared with it in
+    tests/test_precision_fused.py."""
+    from descend import precision, precision_fused
+
+    monkeypatch.setattr(precision_fused, "ENABLED", False)
 
     def run(compile_numel: int) -> list[torch.Tensor]:
         monkeypatch.setattr(precision, "COMPILE_NUMEL", compile_numel)

@@ -497,3 +497,35 @@ def test_bench_runs_on_the_gpu(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
     doc = json.loads(out.read_text())
     assert doc["machine"]["gpu"] and {r["device"] for r in doc["rows"]} == {"cuda"}
     assert all(r["ms"] > 0 for r in doc["rows"])
+
+
+@pytest.mark.parametrize("kw", [dict(state_dtype=torch.bfloat16), dict(rounding="compensated")],
+                         ids=["bf16-state", "compensated"])
+def test_the_one_pass_low_precision_step_follows_the_general_path_without_syncs(kw: dict[str, Any]) -> None:
+    """descend.precision_fused on a GPU (a Triton kernel): the general path's values to rounding,
+    step counts kept on the host, and no host read of a device value in a warmed step."""
+    from descend import precision_fused
+
+    dtype = torch.bfloat16 if kw.get("rounding") == "compensated" else torch.float32
+    results = []
+    for enabled in (False, True):
+        precision_fused.ENABLED = enabled
+        try:
+            gen = torch.Generator(device=DEV).manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(512, 512, device=DEV, generator=gen).to(dtype))
+            opt = descend.AdamW([p], lr=1e-3, weight_decay=0.1, **kw)
+            for step in range(6):
+                p.grad = (torch.randn(p.shape, device=DEV, generator=gen) * 1e-2).to(dtype)
+                if step == 5 and enabled:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            if enabled:
+                assert opt.state[p]["step"].is_cpu  # (the bias corrections are computed on the host)
+            results.append(p.detach().double())
+        finally:
+            precision_fused.ENABLED = True
+    assert (results[0] - results[1]).abs().max().item() <= 0.05 * 1e-3 * 6

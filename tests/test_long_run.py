@@ -27,6 +27,7 @@ from types import ModuleType
 import pytest
 
 WARMUP = 400
+OBJECT_MARGIN = 8  # gc objects; the runs step at least 600 times after the warm-up
 RSS_MARGIN_MIB = 2.0
 
 
@@ -50,5 +51,7 @@ def test_memory_stays_flat(name: str, steps: int) -> None:
     figures = [(s.step, s.tensors, s.objects, round(s.rss, 2)) for s in result.samples]
     assert [s.step for s in result.samples] == [WARMUP, (WARMUP + steps) // 2, steps]
     assert all(s.tensors == result.warm.tensors for s in result.samples), figures
-    assert result.end.objects - result.warm.objects <= 0, figures
+    # (gc objects are counted over the whole process: a thread another test started, such as
+    # torch.compile's, may add one or two meanwhile; a leak of one object per step adds hundreds)
+    assert result.end.objects - result.warm.objects <= OBJECT_MARGIN, figures
     assert result.max_rss_growth <= RSS_MARGIN_MIB, figures

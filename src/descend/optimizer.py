@@ -679,6 +679,11 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.reshape(())  # a 1-element tensor lr as a scalar (same value, dtype and device)
         plan = regularization.plan(group, lr)
+        if "_precision" in self.__dict__ and self._precision.active:
+            rest = self._stored_precision_step(batch, lr, plan)
+            if rest is None:
+                return
+            batch = rest
         # low precision: θ, g and the state as working tensors (float32 for 16-bit θ), written
         # back rounded or quantized after the whole pipeline, decay and prox included
         working = self._precision.begin(batch) if "_precision" in self.__dict__ else None
@@ -690,6 +695,12 @@ class RegularizedOptimizer(torch.optim.Optimizer):
         regularization.regularize_after(batch.params, plan)
         if working is not None:
             working.commit()
+
+    def _stored_precision_step(self, batch: GroupBatch, lr: float | Tensor,
+                               plan: regularization.DecayPlan) -> GroupBatch | None:
+        """Low precision: step what a rule can step on the stored tensors directly (one compiled
+        pass, :mod:`descend.precision_fused`); return the batch of the rest (None: nothing left)."""
+        return batch
 
     def _inspect(self, batch: GroupBatch) -> None:
         """A look at θ before "regularize before" shrinks it: a rule that needs θ_{t-1}

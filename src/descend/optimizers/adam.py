@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from descend import dispatch
+from descend import dispatch, precision_fused, regularization
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.regularization import Absorbs
 from descend.state import SCALAR, Entry, StateSpec
@@ -378,6 +378,10 @@ class Adam(RegularizedOptimizer):
         if isinstance(group["betas"][0], Tensor) and group.get("foreach") is None and group.get("fused") is None:
             return "single"  # torch's default with tensor betas: the form that computes with them as tensors
         return super()._implementation(batch)
+
+    def _stored_precision_step(self, batch: GroupBatch, lr: float | Tensor,
+                               plan: regularization.DecayPlan) -> GroupBatch | None:
+        return precision_fused.adam_stored_step(self, batch, lr, plan)
 
     def _update(self, batch: GroupBatch, implementation: str) -> None:
         group = batch.group

@@ -1,0 +1,131 @@
+"""Adam and AdamW on low-precision storage in one compiled pass per tensor.
+
+The general low-precision step (:mod:`descend.precision`) widens θ, g and the state into
+float32 working tensors, runs the rule's float32 kernel over them, and writes them back: five
+passes over memory where a step needs one. For the common case this module does it in one
+kernel that torch.compile generates (C++ on a CPU, Triton on a GPU), reading each stored
+tensor once and writing it once:
+
+    g ← float(g)                        (+ λ·w for Adam's coupled decay)
+    w ← float(θ) (+ float(c) where rounding="compensated"),  w ← w·(1 − lr·λ) (AdamW)
+    m ← lerp(float(m), g, 1 − β₁),  v ← β₂·float(v) + (1 − β₂)·g²
+    w ← w − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + ε)
+    θ ← rn(w) (c ← rn(w − rn(w))),  m, v ← their stored dtype
+
+which is the working path's arithmetic, equal to it to float32 rounding (and so to within one
+unit in the last place of a 16-bit stored value). Taken where everything of the step is in
+that formula: a tensor of at least :data:`descend.precision.COMPILE_NUMEL` elements (smaller
+ones are not worth a kernel of their own), torch's fused form chosen (not ``foreach=`` or
+``fused=False``), a number lr, no AMSGrad, ``maximize``, L1, GradScaler scale, capturable
+counts, or 8-bit state, step counts on the host, and a compiler that works (where none does,
+the general path runs, after :mod:`descend.precision`'s one warning). Everything else, the
+remaining tensors of the batch included, takes the general path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from descend import dispatch, precision, regularization
+from descend.precision import COMPENSATION
+
+if TYPE_CHECKING:
+    from descend.optimizer import GroupBatch
+
+__all__ = ["adam_stored_step"]
+
+#: off in the tests that compare this path with the general one
+ENABLED = True
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+_FLOATS = frozenset((torch.float32, torch.bfloat16, torch.float16))
+
+
+def _adam_pass(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, compensation: Tensor | None,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+               bias_correction1: float, bias_correction2_sqrt: float) -> None:
+    """One tensor's step (module docstring), each line a pass of the general path."""
+    g = grad.float()
+    w = param.float() if compensation is None else param.float() + compensation.float()
+    if decoupled:
+        w = w * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * w
+    m = torch.lerp(exp_avg.float(), g, 1 - beta1)
+    v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    w = w - (lr / bias_correction1) * (m / denom)
+    new = w.to(param.dtype)
+    if compensation is not None:
+        compensation.copy_((w - new.float()).to(compensation.dtype))
+    param.copy_(new)
+    exp_avg.copy_(m.to(exp_avg.dtype))
+    exp_avg_sq.copy_(v.to(exp_avg_sq.dtype))
+
+
+def _eligible_group(optimizer: Any, batch: GroupBatch, lr: Any, plan: regularization.DecayPlan) -> bool:
+    group = batch.group
+    prec = optimizer._precision
+    return (ENABLED and precision.COMPILE_NUMEL > 0 and batch.implementation == "fused"
+            and prec.rounding in ("nearest", "compensated") and prec.state_dtype != "8bit"
+            and not isinstance(lr, Tensor) and not any(isinstance(b, Tensor) for b in group["betas"])
+            and not group["amsgrad"] and not group.get("capturable") and not group["maximize"]
+            and batch.grad_scale is None and batch.found_inf is None and not dispatch.compiling()
+            and precision._COMPILED.get(_adam_pass, _adam_pass) is not None
+            and plan.applied_by(optimizer._absorbs["fused"], maximize=False))
+
+
+def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
+    if type(param) not in _PLAIN or type(grad) not in _PLAIN or param.dtype not in _FLOATS:
+        return False
+    if param.numel() < precision.COMPILE_NUMEL or grad.dtype != param.dtype or grad.is_sparse:
+        return False
+    m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+    if not (isinstance(m, Tensor) and isinstance(v, Tensor) and isinstance(step, Tensor) and step.is_cpu):
+        return False
+    form = prec.stored_form(param)
+    if m.dtype != form or v.dtype != form:
+        return False
+    tensors = [param, grad, m, v]
+    if prec.rounding == "compensated" and precision._is_16bit(param.dtype):
+        c = state.get(COMPENSATION)
+        if not isinstance(c, Tensor):
+            return False
+        tensors.append(c)
+    elif form == param.dtype:
+        return False  # nothing differs from torch's own fused step
+    # (stepped as 1-D views: one compiled kernel serves every shape)
+    return all(t.is_contiguous() for t in tensors)
+
+
+def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
+                     plan: regularization.DecayPlan) -> GroupBatch | None:
+    """Step the tensors of ``batch`` that this path takes (module docstring); return the batch
+    of the others for the general path (None when none is left)."""
+    if not _eligible_group(optimizer, batch, lr, plan):
+        return batch
+    prec = optimizer._precision
+    chosen = [_eligible(prec, p, g, s) for p, g, s in zip(batch.params, batch.grads, batch.states, strict=True)]
+    if not any(chosen):
+        return batch
+    if hasattr(batch, "runs") and not all(chosen):
+        return batch  # flat storage: its runs go together
+    group = batch.group
+    beta1, beta2 = (float(b) for b in group["betas"])
+    _, terms = regularization.regularize_before([], [], plan, maximize=False, absorbs=optimizer._absorbs["fused"])
+    compensated = prec.rounding == "compensated"
+    for i in (i for i, c in enumerate(chosen) if c):
+        param, state = batch.params[i], batch.states[i]
+        step = state["step"]
+        step += 1
+        t = float(step)
+        kernel = precision._kernel(_adam_pass, param.numel())
+        c = state[COMPENSATION].detach().view(-1) if compensated and precision._is_16bit(param.dtype) else None
+        kernel(param.detach().view(-1), batch.grads[i].view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), c,
+               float(lr), beta1, beta2, float(group["eps"]), float(terms.weight_decay), terms.decoupled,
+               1 - beta1**t, (1 - beta2**t) ** 0.5)
+    if all(chosen):
+        return None
+    return batch.part([not c for c in chosen])

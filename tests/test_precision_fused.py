@@ -1,0 +1,215 @@
+"""Adam and AdamW on low-precision storage in one compiled pass (descend.precision_fused):
+equal to the general low-precision path to rounding, taken exactly where it applies, the
+closed-form decay on bfloat16 parameters, bit-exact resume, and the general path where no
+compiler works."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import descend
+from descend import precision, precision_fused
+
+pytestmark = pytest.mark.skipif(precision.COMPILE_NUMEL == 0, reason="DESCEND_COMPILE=0")
+
+BIG = (300, 300)  # at least precision.COMPILE_NUMEL elements: the compiled pass
+SMALL = (10,)  # the general path
+LR, STEPS = 1e-3, 6
+
+CASES: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], torch.dtype]] = {
+    "AdamW, float32 params, bfloat16 state": (descend.AdamW, dict(weight_decay=0.1, state_dtype=torch.bfloat16),
+                                              torch.float32),
+    "Adam coupled, float32 params, bfloat16 state": (descend.Adam, dict(weight_decay=0.1,
+                                                                        state_dtype=torch.bfloat16), torch.float32),
+    "AdamW independent, float16 state": (descend.AdamW, dict(weight_decay=1e-4, decay="independent",
+                                                             state_dtype=torch.float16), torch.float32),
+    "AdamW, bfloat16 params, compensated": (descend.AdamW, dict(weight_decay=0.1, rounding="compensated"),
+                                            torch.bfloat16),
+    "AdamW, bfloat16 params, compensated, float32 state": (
+        descend.AdamW, dict(weight_decay=0.1, rounding="compensated", state_dtype=torch.float32), torch.bfloat16),
+    "AdamW, bfloat16 params, nearest, float32 state": (descend.AdamW, dict(weight_decay=0.1,
+                                                                           state_dtype=torch.float32), torch.bfloat16),
+}
+
+
+def _params(dtype: torch.dtype, shapes: tuple[tuple[int, ...], ...] = (BIG, SMALL)) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def _grads(params: list[torch.nn.Parameter], step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.dtype)
+
+
+def _run(make: Callable[..., torch.optim.Optimizer], kw: dict[str, Any], dtype: torch.dtype, *, flat: bool = False,
+         steps: int = STEPS, shapes: tuple[tuple[int, ...], ...] = (BIG, SMALL)
+         ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = _params(dtype, shapes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (decay erased by rounding: the point of some cases)
+        opt = make(params, lr=LR, flat=flat, **kw)
+    for step in range(steps):
+        _grads(params, step)
+        opt.step()
+    return params, opt
+
+
+class _Spy:
+    """Counts the compiled pass's calls (the tensors it stepped)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        kernel = precision._kernel
+
+        def spying(fn: Callable[..., Any], numel: int) -> Callable[..., Any]:
+            if fn is precision_fused._adam_pass:
+                self.calls += 1
+            return kernel(fn, numel)
+
+        monkeypatch.setattr(precision, "_kernel", spying)
+
+
+@pytest.fixture
+def general_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], None]]:
+    def use(general: bool) -> None:
+        monkeypatch.setattr(precision_fused, "ENABLED", not general)
+
+    yield use
+
+
+def _stored_ulp(x: Tensor) -> Tensor:
+    """The spacing of x's dtype at each |x| (for 16-bit: 2^(exponent − mantissa bits))."""
+    info = torch.finfo(x.dtype)
+    mag = x.float().abs().clamp(min=info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag)) - (-math.log2(info.eps)))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_the_general_path_to_rounding(case: str, flat: bool, general_path: Callable[[bool], None],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    make, kw, dtype = CASES[case]
+    general_path(True)
+    ref, ref_opt = _run(make, kw, dtype, flat=flat)
+    general_path(False)
+    spy = _Spy(monkeypatch)
+    got, opt = _run(make, kw, dtype, flat=flat)
+    assert spy.calls >= STEPS - 1  # (the big tensor, or the flat buffer, from the second step on at least)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == b.dtype
+        # a float32 difference can round a 16-bit stored moment to its other neighbour: a
+        # step then differs by at most a few percent of lr
+        assert (a.detach().double() - b.detach().double()).abs().max().item() <= 0.05 * LR * STEPS
+    for p_a, p_b in zip(got, ref, strict=True):
+        sa, sb = opt.state[p_a], ref_opt.state[p_b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            x, y = sa[key], sb[key]
+            assert x.dtype == y.dtype, key
+            if key == "step":
+                assert torch.equal(x, y)
+            elif key == precision.COMPENSATION:
+                # the rounding remainder: what must agree is the value θ + c it completes
+                value_a, value_b = p_a.detach().float() + x.float(), p_b.detach().float() + y.float()
+                assert (value_a - value_b).abs().max().item() <= 0.05 * LR * STEPS
+            elif x.dtype in (torch.bfloat16, torch.float16):
+                # (near zero, where the spacing vanishes, a float32 difference of the inputs shows)
+                bound = 2 * _stored_ulp(y) + 1e-6 * y.float().abs().max()
+                assert ((x.float() - y.float()).abs() <= bound).all(), key
+            else:
+                assert torch.allclose(x.double(), y.double(), rtol=1e-3, atol=1e-6), key
+
+
+OFF_PATH = {
+    "8bit state": dict(state_dtype="8bit"),
+    "l1": dict(state_dtype=torch.bfloat16, l1=1e-4),
+    "amsgrad": dict(state_dtype=torch.bfloat16, amsgrad=True),
+    "foreach": dict(state_dtype=torch.bfloat16, foreach=True),
+    "for-loop": dict(state_dtype=torch.bfloat16, foreach=False),
+    "tensor lr": dict(state_dtype=torch.bfloat16, lr=torch.tensor(LR)),
+    "maximize": dict(state_dtype=torch.bfloat16, maximize=True),
+    "float32 everything": dict(),
+}
+
+
+@pytest.mark.parametrize("case", list(OFF_PATH))
+def test_not_taken_where_the_step_is_more_than_its_formula(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = dict(OFF_PATH[case])
+    lr = kw.pop("lr", LR)
+    spy = _Spy(monkeypatch)
+    params = _params(torch.float32)
+    opt = descend.AdamW(params, lr=lr, weight_decay=0.1, **kw)
+    for step in range(3):
+        _grads(params, step)
+        opt.step()
+    assert spy.calls == 0
+
+
+def test_stochastic_rounding_and_small_tensors_take_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _Spy(monkeypatch)
+    _run(descend.AdamW, dict(rounding="stochastic"), torch.bfloat16)
+    _run(descend.AdamW, dict(state_dtype=torch.bfloat16), torch.float32, shapes=(SMALL, (100, 100)))
+    assert spy.calls == 0
+
+
+def test_without_a_working_compiler_the_general_path_runs(monkeypatch: pytest.MonkeyPatch,
+                                                          general_path: Callable[[bool], None]) -> None:
+    make, kw, dtype = CASES["AdamW, bfloat16 params, compensated"]
+    general_path(True)
+    ref, _ = _run(make, kw, dtype)
+    general_path(False)
+    monkeypatch.setitem(precision._COMPILED, precision_fused._adam_pass, None)  # (compiling it failed)
+    spy = _Spy(monkeypatch)
+    got, _ = _run(make, kw, dtype)
+    assert spy.calls == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_decay_alone_on_bfloat16_parameters_follows_the_closed_form() -> None:
+    """Zero gradients: Adam's update is 0/(0 + ε) = 0, and AdamW's decoupled decay alone
+    leaves θ_T = θ_0·(1 − lr·λ)^T; compensated, the bfloat16 parameter plus its buffer
+    follows it to 0.1% after 2,000 steps (the buffer itself is bfloat16: θ + c holds about 16
+    bits, and each step's remainder is rounded into it; the general path ends on the same
+    value), where nearest rounding loses every step of it (each is below half an ulp)."""
+    lr, wd, steps = 1e-3, 1e-2, 2000
+    expected = (1 - lr * wd) ** steps
+    norms = {}
+    for rounding in ("nearest", "compensated"):
+        p = torch.nn.Parameter(torch.randn(BIG, generator=torch.Generator().manual_seed(1)).bfloat16())
+        start = p.detach().float().norm().item()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = descend.AdamW([p], lr=lr, weight_decay=wd, rounding=rounding)
+        p.grad = torch.zeros_like(p)
+        for _ in range(steps):
+            opt.step()
+        value = p.detach().float() + (opt.state[p][precision.COMPENSATION].float() if rounding == "compensated" else 0)
+        norms[rounding] = value.norm().item() / start
+    assert norms["nearest"] == 1.0
+    assert norms["compensated"] == pytest.approx(expected, rel=1e-3)
+    assert abs(norms["compensated"] - expected) < 0.05 * (1 - expected)  # (95% of the decay kept)
+
+
+@pytest.mark.parametrize("case", ["AdamW, float32 params, bfloat16 state", "AdamW, bfloat16 params, compensated"])
+def test_resume_is_bit_exact(case: str) -> None:
+    make, kw, dtype = CASES[case]
+    whole, _ = _run(make, kw, dtype, steps=8)
+    params, opt = _run(make, kw, dtype, steps=4)
+    saved = copy.deepcopy(opt.state_dict())
+    again = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = make(again, lr=LR, **kw)
+    resumed.load_state_dict(saved)
+    for step in range(4, 8):
+        _grads(again, step)
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(again, whole))
