@@ -9,7 +9,11 @@ problem would amplify 1e-16 into O(1) and prove nothing).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -95,3 +99,14 @@ def assert_same_run(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> Non
         assert max_abs_diff(a, b) <= 1e-12, max_abs_diff(a, b)
     else:
         assert max_rel_diff(a, b) <= 1e-6, max_rel_diff(a, b)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the directory is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"descend_benchmarks_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -19,29 +19,16 @@ line search (history of 10, full after the warm-up) and conjugate gradient, 1,00
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+
+from tests.helpers import load_benchmark
 
 WARMUP = 400
 OBJECT_MARGIN = 8  # gc objects; the runs step at least 600 times after the warm-up
 RSS_MARGIN_MIB = 2.0
 
 
-def _long_run() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "long_run.py"
-    spec = importlib.util.spec_from_file_location("descend_benchmarks_long_run", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-long_run = _long_run()
+long_run = load_benchmark("long_run")
 
 
 @pytest.mark.parametrize(("name", "steps"), [("SGD-fused", 2000), ("AdamW-flat", 2000), ("LBFGS-wolfe", 1000),

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import descend
 from descend import precision
+from tests.helpers import load_benchmark
 
 pytestmark = pytest.mark.filterwarnings("ignore:group .* of (SGD|Adam|AdamW|Lion):UserWarning")
 
@@ -253,18 +254,13 @@ def test_stochastic_rounding_picks_a_neighbour_with_the_probability_of_its_dista
 DECAY_STEPS = 3000
 
 
+decay_only = load_benchmark("decay_only").decay_only
+
+
 def _decay_only(dtype: torch.dtype, **kw: Any) -> float:
     """AdamW (lr 1e-3, weight_decay 0.01) on gradients so small that only the decay acts:
-    the norm after DECAY_STEPS steps over the norm before."""
-    g = torch.Generator().manual_seed(0)
-    p = torch.randn(2000, generator=g).to(dtype).requires_grad_()
-    opt = kw.pop("make", descend.AdamW)([p], lr=1e-3, weight_decay=0.01, **kw)
-    start = float(p.detach().float().norm())
-    tiny = (torch.randn(2000, generator=g) * 1e-12).to(dtype)
-    for _ in range(DECAY_STEPS):
-        p.grad = tiny
-        opt.step()
-    return float(p.detach().float().norm()) / start
+    the norm after DECAY_STEPS steps over the norm before (benchmarks/decay_only.py)."""
+    return float(decay_only(dtype, DECAY_STEPS, kw.pop("make", descend.AdamW), **kw))
 
 
 def test_decay_only_nearest_loses_the_decay_compensated_and_stochastic_keep_it() -> None:

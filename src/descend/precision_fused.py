@@ -48,7 +48,7 @@ def _adam_pass(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                bias_correction1: float, bias_correction2_sqrt: float) -> None:
     """One tensor's step (module docstring), each line a pass of the general path."""
     g = grad.float()
-    w = param.float() if compensation is None else param.float() + compensation.float()
+    w = param.float() if compensation is None else precision._join(param, compensation)
     if decoupled:
         w = w * (1 - lr * weight_decay)
     else:
@@ -57,10 +57,10 @@ def _adam_pass(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
     denom = v.sqrt() / bias_correction2_sqrt + eps
     w = w - (lr / bias_correction1) * (m / denom)
-    new = w.to(param.dtype)
     if compensation is not None:
-        compensation.copy_((w - new.float()).to(compensation.dtype))
-    param.copy_(new)
+        precision._split_into(w, param, compensation)  # (traced into this kernel)
+    else:
+        param.copy_(w.to(param.dtype))
     exp_avg.copy_(m.to(exp_avg.dtype))
     exp_avg_sq.copy_(v.to(exp_avg_sq.dtype))
 
@@ -114,6 +114,8 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
         return batch  # flat storage: its runs go together
     group = batch.group
     beta1, beta2 = (float(b) for b in group["betas"])
+    # the kernel's terms (weight_decay, coupled or decoupled) as the fused form gets them; with
+    # the whole plan absorbed (checked above) this touches no tensor
     _, terms = regularization.regularize_before([], [], plan, maximize=False, absorbs=optimizer._absorbs["fused"])
     compensated = prec.rounding == "compensated"
     for i in (i for i, c in enumerate(chosen) if c):
