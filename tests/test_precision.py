@@ -167,13 +167,14 @@ def test_8bit_code_error_is_bounded_relative_to_each_value(signed: bool) -> None
     y = precision.dequantize(codes, absmax, signed=signed)
     blocks = torch.nn.functional.pad(x.abs(), (0, -x.numel() % 256)).view(-1, 256).amax(1)
     assert torch.equal(absmax, blocks)  # the scale is each block's largest magnitude
-    octaves = precision.SIGNED_OCTAVES / 126 if signed else precision.UNSIGNED_OCTAVES / 254
-    bound = 2 ** (octaves / 2)  # half a level: the nearest level in log₂
+    # to the nearest of 8 levels per octave: y/x within [1/(1 + 2⁻⁴), (1 + 2⁻³)/(1 + 2⁻⁴)]
+    low, high = 1 / (1 + 2**-4), (1 + 2**-3) / (1 + 2**-4)
     reach = 2.0 ** -(precision.SIGNED_OCTAVES if signed else precision.UNSIGNED_OCTAVES)
     block_max = blocks.repeat_interleave(256)[: x.numel()]
-    inside = x.abs() >= block_max * reach
+    inside = x.abs() >= block_max * reach * 1.25  # (the smallest level)
     ratio = y[inside] / x[inside]
-    assert float(ratio.min()) >= 1 / bound * (1 - 1e-6) and float(ratio.max()) <= bound * (1 + 1e-6)
+    assert float(ratio.min()) >= low * (1 - 1e-6) and float(ratio.max()) <= high * (1 + 1e-6)
+    assert float(ratio.min()) < 0.95 and float(ratio.max()) > 1.05  # (12 decades reach both ends)
     assert torch.equal(y[x == 0], torch.zeros_like(y[x == 0]))
     assert bool((torch.sign(y[inside]) == torch.sign(x[inside])).all())
     if not signed:  # a positive second moment is never stored as 0 (its root divides the update)
@@ -182,6 +183,31 @@ def test_8bit_code_error_is_bounded_relative_to_each_value(signed: bool) -> None
     c2, a2 = torch.zeros_like(codes), torch.zeros_like(absmax)
     precision.quantize_into_(c2, a2, x, signed=signed)
     assert torch.equal(c2, codes) and torch.equal(a2, absmax)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_8bit_code_is_the_closed_form_float_and_encodes_back_to_itself(signed: bool) -> None:
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = precision.code_values(codes, signed)
+    # the closed form, in float64: code c (magnitude c & 127 when signed) is 2^e (1 + f/8) for
+    # its fraction f = c mod 8 and exponent e counted down from the top level (= 1.0)
+    expected = []
+    for c in range(256):
+        magnitude, top = (c & 127, 127) if signed else (c, 255)
+        if magnitude == 0:
+            expected.append(0.0)
+            continue
+        level = magnitude - top + 8 * 127  # float32 bits >> 20 of the value
+        e, f = level // 8 - 127, level % 8
+        expected.append((-1.0 if signed and c & 128 else 1.0) * 2.0**e * (1 + f / 8))
+    assert values.abs().tolist() == [abs(v) for v in expected]
+    assert torch.equal(torch.sign(values), torch.tensor(expected).sign().float())
+    nonzero = [c for c in range(256) if c & (127 if signed else 255)]
+    back = precision.codes_of(values, torch.tensor(1.0), signed)
+    assert back[nonzero].tolist() == nonzero  # each level is its own code
+    magnitudes = values[1:128] if signed else values[1:]
+    assert bool((magnitudes[1:] > magnitudes[:-1]).all())  # ordered, none repeated
+    assert float(magnitudes[0]) == 1.25 * 2.0 ** -(precision.SIGNED_OCTAVES if signed else precision.UNSIGNED_OCTAVES)
 
 
 def test_8bit_state_takes_about_2_bytes_per_parameter_for_adam() -> None:
@@ -513,14 +539,13 @@ def test_compiled_conversions_equal_the_eager_ones(monkeypatch: pytest.MonkeyPat
     x = torch.randn(n + 77, generator=g) * torch.exp(torch.randn(n + 77, generator=g) * 3)
     w = torch.randn(n + 77, generator=g)
     bits = torch.randint(0, 1 << 16, x.shape, generator=g, dtype=torch.int32)
-    table = precision._table(False, x.device)
 
     def every_kernel() -> list[Tensor]:
         codes, absmax = precision.quantize(x.abs(), signed=False)
         return [codes, absmax, precision.dequantize(codes, absmax, signed=False),
                 *precision._kernel(precision._split, x.numel())(w, torch.bfloat16),
                 precision._kernel(precision._round_with_bits, x.numel())(w, bits, torch.float16),
-                precision._kernel(precision._decode, x.numel())(codes, absmax, table, torch.float32)]
+                precision._kernel(precision._decode, x.numel())(codes, absmax, True, torch.float32)]
 
     monkeypatch.setattr(precision, "COMPILE_NUMEL", 1 << 16)
     compiled = every_kernel()
@@ -597,7 +622,9 @@ def test_a_compiled_step_keeps_the_low_precision_right() -> None:
         a, b = eager.state[x], traced.state[y]
         carried_a = x.detach().float() + a["compensation"].float()
         carried_b = y.detach().float() + b["compensation"].float()
-        assert float((carried_a - carried_b).abs().max()) < 1e-5
+        # (the traced rule rounds its float32 arithmetic otherwise, which can move an 8-bit code
+        # across a level: 0.05% of the 3e-2 the parameters moved)
+        assert float((carried_a - carried_b).abs().max()) < 1e-4
         va = precision.dequantize(a["exp_avg_sq"], a["exp_avg_sq_absmax"], signed=False)
         vb = precision.dequantize(b["exp_avg_sq"], b["exp_avg_sq_absmax"], signed=False)
         assert bool(((vb - va).abs() <= 0.1 * va).all())  # every block, the last one included

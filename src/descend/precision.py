@@ -36,24 +36,30 @@ Step counts and other scalars are never touched.
 
 ``"8bit"`` is block-wise quantization: a tensor, flattened, is cut into blocks of
 :data:`BLOCK` = 256 elements; each block keeps its largest magnitude a (float32, in the entry
-``<name>_absmax``) and each element one byte, an index into a logarithmic code of x/a:
+``<name>_absmax``) and each element one byte, a small floating-point number standing for x/a:
 
 .. math::
-   \text{signed (momenta): } \pm 2^{-(127-j)\,D_s/126},\ j = 1..127, \text{ and } 0; \qquad
-   \text{unsigned (second moments): } 2^{-(255-j)\,D_u/254},\ j = 1..255, \text{ and } 0
+   \text{signed (momenta): } \pm 2^{e}\,(1 + f/8),\ e = -16..0; \qquad
+   \text{unsigned (second moments): } 2^{e}\,(1 + f/8),\ e = -32..0
 
-with D_s = 16 and D_u = 32 octaves below the block's maximum. Encoding rounds log₂|x/a| to the
-nearest level (relative error ≤ 4.6% either way); adjacent levels differ by a constant ratio,
-so small values are as precise, relative to themselves, as large ones. That matters for the
-second moment v, whose square root divides the update: a linear code would put most of a
-block's small v at 0 and turn m/(√v + ε) into m/ε. For the same reason a positive v is never
-stored as 0 (it becomes the smallest level, 2⁻³² of its block's maximum: a slightly *smaller*
-update, never a huge one). Which entries are second moments comes from the state declaration:
-those that may not be negative (``low=0``). Memory: 1 byte per element plus 4 bytes per 256,
-2.03 bytes per parameter for Adam's two moments instead of 8 in float32.
+with 3 fraction bits f (8 levels per octave) and the exponent e in the remaining 4 (signed, whose
+top bit is the sign) or 5 bits (unsigned), code 0 standing for 0. These are exactly the top bits
+of the float32 number x/a: encoding rounds its bit pattern to 3 fraction bits (to nearest,
+relative error at most 2⁻⁴/(1 + 2⁻⁴) ≈ 5.9% at the bottom of an octave, 3.1% at its top) and decoding shifts the code back,
+so both are integer operations, with no table or logarithm (they cost no more than the
+arithmetic of the step they sit in, and compiled and eager forms give the same bits). Levels are
+spaced by a ratio, not a difference, so small values are as precise, relative to themselves, as
+large ones. That matters for the second moment v, whose square root divides the update: a
+linear code would put most of a block's small v at 0 and turn m/(√v + ε) into m/ε. For the same
+reason a positive v is never stored as 0 (below the smallest level, 1.25·2⁻³² of its block's
+maximum, it becomes that level: a slightly *smaller* update, never a huge one); a momentum below
+1.25·2⁻¹⁶ of its block's maximum is stored as 0. Which entries are second moments comes from the
+state declaration: those that may not be negative (``low=0``). Memory: 1 byte per element plus 4
+bytes per 256, 2.03 bytes per parameter for Adam's two moments instead of 8 in float32.
 
 (bitsandbytes and torchao use a "dynamic" code of the same idea, fraction bits after an
-exponent written in unary; the plain logarithmic code here needs no lookup to encode.)
+exponent written in unary, decoded through a table; torchao's FP8 state is the same float
+format with one scale per tensor or block.)
 """
 
 from __future__ import annotations
@@ -86,8 +92,16 @@ SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 BLOCK = 256
 #: the state entry of compensated rounding
 COMPENSATION = "compensation"
-#: octaves below a block's maximum that the signed and the unsigned code reach
-SIGNED_OCTAVES, UNSIGNED_OCTAVES = 16.0, 32.0
+#: fraction bits of the 8-bit code, and octaves below a block's maximum that its signed and
+#: unsigned forms reach
+FRACTION_BITS = 3
+SIGNED_OCTAVES, UNSIGNED_OCTAVES = 16, 32
+#: float32 bits dropped by the code: a code is (bit pattern of x/a) >> _SHIFT, minus an offset
+_SHIFT = 23 - FRACTION_BITS
+#: (bit pattern of 1.0) >> _SHIFT: the code's top level, a block's maximum
+_ONE = 127 << FRACTION_BITS
+#: what a code adds to its magnitude to give the shifted bit pattern (its top magnitude is _ONE)
+_SIGNED_OFFSET, _UNSIGNED_OFFSET = _ONE - 127, _ONE - 255
 
 
 def absmax_key(name: str) -> str:
@@ -101,27 +115,36 @@ def QUANT_BLOCKS(shape: torch.Size) -> tuple[int, ...]:  # noqa: N802 - a shape,
 
 
 # --- the 8-bit code --------------------------------------------------------------------
+# Element-wise halves of the code, shared by the eager conversions below and the compiled
+# one-pass steps of descend.precision_fused (so both give the same bits).
 
 
-def _levels(signed: bool) -> Tensor:
-    """The 256 values a byte stands for, relative to its block's maximum."""
+def code_values(codes: Tensor, signed: bool) -> Tensor:
+    """The float32 values that 8-bit ``codes`` stand for, relative to their block's maximum."""
+    c = codes.to(torch.int32)
     if signed:
-        j = torch.arange(128, dtype=torch.float64)
-        mag = torch.where(j == 0, 0.0, torch.exp2((j - 127) * SIGNED_OCTAVES / 126))
-        return torch.cat([mag, -mag]).float()  # byte j | 128 is −level j
-    j = torch.arange(256, dtype=torch.float64)
-    return torch.where(j == 0, 0.0, torch.exp2((j - 255) * UNSIGNED_OCTAVES / 254)).float()
+        magnitude = c & 127
+        bits = torch.where(magnitude == 0, 0, (magnitude + _SIGNED_OFFSET) << _SHIFT) | ((c & 128) << 24)
+    else:
+        bits = torch.where(c == 0, 0, (c + _UNSIGNED_OFFSET) << _SHIFT)
+    return bits.view(torch.float32)
 
 
-_TABLES: dict[tuple[bool, torch.device], Tensor] = {}
+def codes_of(x: Tensor, inverse_absmax: Tensor, signed: bool) -> Tensor:
+    """The 8-bit codes of float32 ``x`` in a block whose largest magnitude is 1/``inverse_absmax``:
+    the bit pattern of |x|/absmax rounded to :data:`FRACTION_BITS` fraction bits (module docstring)."""
+    scaled = x.abs() * inverse_absmax
+    level = ((scaled.view(torch.int32) + (1 << (_SHIFT - 1))) >> _SHIFT)
+    if signed:
+        magnitude = (level - _SIGNED_OFFSET).clamp(0, 127)
+        return (magnitude | torch.where((x < 0) & (magnitude > 0), 128, 0)).to(torch.uint8)
+    # a positive second moment is never 0 (see the module docstring): at least level 1
+    return torch.where(scaled > 0, (level - _UNSIGNED_OFFSET).clamp(1, 255), 0).to(torch.uint8)
 
 
-def _table(signed: bool, device: torch.device) -> Tensor:
-    key = (signed, device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = _TABLES[key] = _levels(signed).to(device)
-    return table
+def inverse(absmax: Tensor) -> Tensor:
+    """1/absmax per block, 1 where a block is all zeros (its codes are 0 whatever the scale)."""
+    return 1 / torch.where(absmax > 0, absmax, 1.0)
 
 
 def _blocked(x: Tensor) -> Tensor:
@@ -137,15 +160,7 @@ def _encode(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """(codes as a (blocks, BLOCK) uint8 matrix, absmax per block) of x."""
     blocks = _blocked(x.float())
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks.abs() / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
-    if signed:
-        j = torch.round(127 + torch.log2(scaled) * (126 / SIGNED_OCTAVES)).clamp(0, 127)
-        codes = j + torch.where((blocks < 0) & (j > 0), 128.0, 0.0)
-    else:
-        # a positive second moment is never 0 (see the module docstring): at least level 1
-        j = torch.round(255 + torch.log2(scaled) * (254 / UNSIGNED_OCTAVES)).clamp(1, 255)
-        codes = torch.where(scaled > 0, j, 0.0)
-    return codes.to(torch.uint8), absmax
+    return codes_of(blocks, inverse(absmax).unsqueeze(1), signed), absmax
 
 
 def quantize(x: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
@@ -163,7 +178,7 @@ def quantize_into_(codes: Tensor, absmax: Tensor, x: Tensor, *, signed: bool) ->
     absmax.copy_(new_absmax)
 
 
-def _decode(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
+def _decode(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
     # whole blocks as a matrix, the ragged last block apart: the result is a tensor of its own
     # (a slice of a padded buffer, updated in place by a rule inside torch.compile, lost its tail)
     n = codes.numel()
@@ -171,15 +186,15 @@ def _decode(codes: Tensor, absmax: Tensor, table: Tensor, dtype: torch.dtype) ->
     whole = n - n % BLOCK
     out = torch.empty(n, dtype=dtype, device=codes.device)
     scales = absmax.float()
-    out[:whole] = (table[flat[:whole].int()].view(-1, BLOCK) * scales[: whole // BLOCK].unsqueeze(1)).reshape(-1)
+    out[:whole] = (code_values(flat[:whole], signed).view(-1, BLOCK) * scales[: whole // BLOCK].unsqueeze(1)).reshape(-1)
     if whole < n:
-        out[whole:] = table[flat[whole:].int()] * scales[-1]
+        out[whole:] = code_values(flat[whole:], signed) * scales[-1]
     return out.view(codes.shape)
 
 
 def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
     """The values that ``codes`` and their blocks' ``absmax`` stand for, in ``dtype``."""
-    return _kernel(_decode, codes.numel())(codes, absmax, _table(signed, codes.device), dtype)
+    return _kernel(_decode, codes.numel())(codes, absmax, signed, dtype)  # type: ignore[no-any-return]
 
 
 # --- compiled forms ---------------------------------------------------------------------------

@@ -13,24 +13,31 @@ tensor once and writing it once:
     θ ← rn(w) (c ← rn(w − rn(w))),  m, v ← their stored dtype
 
 which is the working path's arithmetic, equal to it to float32 rounding (and so to within one
-unit in the last place of a 16-bit stored value). Taken where everything of the step is in
-that formula: a tensor of at least :data:`descend.precision.COMPILE_NUMEL` elements (smaller
-ones are not worth a kernel of their own), torch's fused form chosen (not ``foreach=`` or
-``fused=False``), a number lr, no AMSGrad, ``maximize``, L1, GradScaler scale, capturable
-counts, or 8-bit state, step counts on the host, and a compiler that works (where none does,
-the general path runs, after :mod:`descend.precision`'s one warning). Everything else, the
-remaining tensors of the batch included, takes the general path.
+unit in the last place of a 16-bit stored value). With 8-bit state the kernel works on
+(blocks, 256) views: float(m) and float(v) are the codes' values times their block's scale,
+and "their stored dtype" is each block's new maximum and the codes of m/max and v/max (the
+code of :mod:`descend.precision`), so that a float32 difference can move a stored value to
+its neighbouring level.
+
+Taken where everything of the step is in that formula: a tensor of at least
+:data:`descend.precision.COMPILE_NUMEL` elements (smaller ones are not worth a kernel of
+their own; with 8-bit state, whole blocks of 256), torch's fused form chosen (not
+``foreach=`` or ``fused=False``), a number lr, no AMSGrad, ``maximize``, L1, GradScaler
+scale or capturable counts, step counts on the host, and a compiler that works (where none
+does, the general path runs, after :mod:`descend.precision`'s one warning). Everything else,
+the remaining tensors of the batch included, takes the general path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from descend import dispatch, precision, regularization
-from descend.precision import COMPENSATION
+from descend.precision import BLOCK, COMPENSATION
 
 if TYPE_CHECKING:
     from descend.optimizer import GroupBatch
@@ -43,38 +50,70 @@ _PLAIN = frozenset((Tensor, torch.nn.Parameter))
 _FLOATS = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 
-def _adam_pass(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, compensation: Tensor | None,
-               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-               bias_correction1: float, bias_correction2_sqrt: float) -> None:
-    """One tensor's step (module docstring), each line a pass of the general path."""
-    g = grad.float()
-    w = param.float() if compensation is None else precision._join(param, compensation)
+def _adam_update(w: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, decoupled: bool, bias_correction1: float, bias_correction2_sqrt: float
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam's step on float32 working values (module docstring): the new (w, m, v)."""
     if decoupled:
         w = w * (1 - lr * weight_decay)
     else:
         g = g + weight_decay * w
-    m = torch.lerp(exp_avg.float(), g, 1 - beta1)
-    v = exp_avg_sq.float() * beta2 + (1 - beta2) * g * g
+    m = torch.lerp(m, g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
     denom = v.sqrt() / bias_correction2_sqrt + eps
-    w = w - (lr / bias_correction1) * (m / denom)
+    return w - (lr / bias_correction1) * (m / denom), m, v
+
+
+def _value(param: Tensor, compensation: Tensor | None) -> Tensor:
+    return param.float() if compensation is None else precision._join(param, compensation)
+
+
+def _store(w: Tensor, param: Tensor, compensation: Tensor | None) -> None:
     if compensation is not None:
-        precision._split_into(w, param, compensation)  # (traced into this kernel)
+        precision._split_into(w, param, compensation)  # (traced into the kernel)
     else:
         param.copy_(w.to(param.dtype))
+
+
+def _adam_pass(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, compensation: Tensor | None,
+               *scalars: Any) -> None:
+    """One tensor's step on 16-bit (or float32) state (module docstring)."""
+    w, m, v = _adam_update(_value(param, compensation), grad.float(), exp_avg.float(), exp_avg_sq.float(), *scalars)
+    _store(w, param, compensation)
     exp_avg.copy_(m.to(exp_avg.dtype))
     exp_avg_sq.copy_(v.to(exp_avg_sq.dtype))
+
+
+def _adam_8bit_pass(param: Tensor, grad: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor,
+                    v_absmax: Tensor, compensation: Tensor | None, *scalars: Any) -> None:
+    """One tensor's step on 8-bit state, every tensor as a (blocks, BLOCK) view (the scales
+    (blocks, 1)): decoded, stepped, and each block's new maximum and codes written back, the
+    code of :mod:`descend.precision` in the same kernel."""
+    m = precision.code_values(m_codes, True) * m_absmax
+    v = precision.code_values(v_codes, False) * v_absmax
+    w, m, v = _adam_update(_value(param, compensation), grad.float(), m, v, *scalars)
+    _store(w, param, compensation)
+    m_max, v_max = m.abs().amax(dim=1, keepdim=True), v.amax(dim=1, keepdim=True)
+    m_codes.copy_(precision.codes_of(m, precision.inverse(m_max), True))
+    v_codes.copy_(precision.codes_of(v, precision.inverse(v_max), False))
+    m_absmax.copy_(m_max)
+    v_absmax.copy_(v_max)
 
 
 def _eligible_group(optimizer: Any, batch: GroupBatch, lr: Any, plan: regularization.DecayPlan) -> bool:
     group = batch.group
     prec = optimizer._precision
     return (ENABLED and precision.COMPILE_NUMEL > 0 and batch.implementation == "fused"
-            and prec.rounding in ("nearest", "compensated") and prec.state_dtype != "8bit"
+            and prec.rounding in ("nearest", "compensated")
             and not isinstance(lr, Tensor) and not any(isinstance(b, Tensor) for b in group["betas"])
             and not group["amsgrad"] and not group.get("capturable") and not group["maximize"]
             and batch.grad_scale is None and batch.found_inf is None and not dispatch.compiling()
-            and precision._COMPILED.get(_adam_pass, _adam_pass) is not None
+            and precision._COMPILED.get(_pass(prec), _adam_pass) is not None
             and plan.applied_by(optimizer._absorbs["fused"], maximize=False))
+
+
+def _pass(prec: precision.Precision) -> Callable[..., None]:
+    return _adam_8bit_pass if prec.state_dtype == "8bit" else _adam_pass
 
 
 def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
@@ -86,7 +125,14 @@ def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dic
     if not (isinstance(m, Tensor) and isinstance(v, Tensor) and isinstance(step, Tensor) and step.is_cpu):
         return False
     form = prec.stored_form(param)
-    if m.dtype != form or v.dtype != form:
+    if form == "8bit":
+        scales = [state.get(precision.absmax_key(k)) for k in ("exp_avg", "exp_avg_sq")]
+        blocks = param.numel() // BLOCK
+        if m.dtype != torch.uint8 or v.dtype != torch.uint8 or param.numel() % BLOCK \
+                or not all(isinstance(a, Tensor) and a.shape == (blocks,) and a.dtype == torch.float32
+                           and a.is_contiguous() for a in scales):
+            return False  # (a ragged last block: the general path)
+    elif m.dtype != form or v.dtype != form:
         return False
     tensors = [param, grad, m, v]
     if prec.rounding == "compensated" and precision._is_16bit(param.dtype):
@@ -94,7 +140,7 @@ def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dic
         if not isinstance(c, Tensor):
             return False
         tensors.append(c)
-    elif form == param.dtype:
+    elif not isinstance(form, str) and form == param.dtype:
         return False  # nothing differs from torch's own fused step
     # (stepped as 1-D views: one compiled kernel serves every shape)
     return all(t.is_contiguous() for t in tensors)
@@ -118,16 +164,29 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
     # the whole plan absorbed (checked above) this touches no tensor
     _, terms = regularization.regularize_before([], [], plan, maximize=False, absorbs=optimizer._absorbs["fused"])
     compensated = prec.rounding == "compensated"
+    kernel_fn = _pass(prec)
+    scalars = (float(lr), beta1, beta2, float(group["eps"]), float(terms.weight_decay), terms.decoupled)
     for i in (i for i, c in enumerate(chosen) if c):
-        param, state = batch.params[i], batch.states[i]
+        param, grad, state = batch.params[i].detach(), batch.grads[i], batch.states[i]
         step = state["step"]
         step += 1
         t = float(step)
-        kernel = precision._kernel(_adam_pass, param.numel())
-        c = state[COMPENSATION].detach().view(-1) if compensated and precision._is_16bit(param.dtype) else None
-        kernel(param.detach().view(-1), batch.grads[i].view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), c,
-               float(lr), beta1, beta2, float(group["eps"]), float(terms.weight_decay), terms.decoupled,
-               1 - beta1**t, (1 - beta2**t) ** 0.5)
+        c = state[COMPENSATION].detach() if compensated and precision._is_16bit(param.dtype) else None
+        corrections = (1 - beta1**t, (1 - beta2**t) ** 0.5)
+        kernel = precision._kernel(kernel_fn, param.numel())
+        if kernel_fn is _adam_8bit_pass:
+            blocks = param.numel() // BLOCK
+            views = [x.view(blocks, BLOCK) for x in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
+            if c is not None:
+                views.append(c.view(blocks, BLOCK))
+            for x in views:
+                torch._dynamo.mark_static(x, 1)  # the block: a constant of the kernel (its loops vectorize)
+            m_absmax, v_absmax = (state[precision.absmax_key(k)].view(blocks, 1) for k in ("exp_avg", "exp_avg_sq"))
+            kernel(views[0], views[1], views[2], m_absmax, views[3], v_absmax, views[4] if c is not None else None,
+                   *scalars, *corrections)
+        else:
+            kernel(param.view(-1), grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                   None if c is None else c.view(-1), *scalars, *corrections)
     if all(chosen):
         return None
     return batch.part([not c for c in chosen])
