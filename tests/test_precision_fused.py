@@ -171,6 +171,25 @@ def test_stochastic_rounding_and_small_tensors_take_the_general_path(monkeypatch
     assert spy.calls == 0
 
 
+@pytest.mark.parametrize(("kw", "shapes", "per_step"), [
+    (dict(state_dtype=torch.bfloat16), (BIG, SMALL, (1,)), 2),  # (a single element: the general path)
+    (dict(rounding="compensated"), (BIG, SMALL), 2),
+    (dict(state_dtype="8bit"), (BIG, (512,), (256,), SMALL), 2),  # (two whole blocks at least)
+])
+def test_small_tensors_ride_along_with_a_large_one(kw: dict[str, Any], shapes: tuple[tuple[int, ...], ...],
+                                                   per_step: int, monkeypatch: pytest.MonkeyPatch,
+                                                   general_path: Callable[[bool], None]) -> None:
+    dtype = torch.bfloat16 if "rounding" in kw else torch.float32
+    general_path(True)
+    ref, _ = _run(descend.AdamW, dict(weight_decay=0.1, **kw), dtype, shapes=shapes)
+    general_path(False)
+    spy = _Spy(monkeypatch)
+    got, _ = _run(descend.AdamW, dict(weight_decay=0.1, **kw), dtype, shapes=shapes)
+    assert spy.calls in (per_step * STEPS, per_step * (STEPS - 1))  # (every step, or all but the first)
+    for a, b in zip(got, ref, strict=True):
+        assert (a.detach().double() - b.detach().double()).abs().max().item() <= 0.05 * LR * STEPS
+
+
 def test_without_a_working_compiler_the_general_path_runs(monkeypatch: pytest.MonkeyPatch,
                                                           general_path: Callable[[bool], None]) -> None:
     make, kw, dtype = CASES["AdamW, bfloat16 params, compensated"]

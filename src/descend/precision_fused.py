@@ -19,9 +19,10 @@ and "their stored dtype" is each block's new maximum and the codes of m/max and 
 code of :mod:`descend.precision`), so that a float32 difference can move a stored value to
 its neighbouring level.
 
-Taken where everything of the step is in that formula: a tensor of at least
-:data:`descend.precision.COMPILE_NUMEL` elements (smaller ones are not worth a kernel of
-their own; with 8-bit state, whole blocks of 256), torch's fused form chosen (not
+Taken where everything of the step is in that formula: in a batch with a tensor of at least
+:data:`descend.precision.COMPILE_NUMEL` elements (a model of small tensors only is not worth
+compiling a kernel for), every tensor of at least 2 elements (with 8-bit state, at least two
+whole blocks of 256), torch's fused form chosen (not
 ``foreach=`` or ``fused=False``), a number lr, no AMSGrad, ``maximize``, L1, GradScaler
 scale or capturable counts, step counts on the host, and a compiler that works (where none
 does, the general path runs, after :mod:`descend.precision`'s one warning). Everything else,
@@ -60,7 +61,8 @@ def _adam_update(w: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float, beta1: f
         g = g + weight_decay * w
     m = torch.lerp(m, g, 1 - beta1)
     v = v * beta2 + (1 - beta2) * g * g
-    denom = v.sqrt() / bias_correction2_sqrt + eps
+    # (a product by 1/√(1 − β₂ᵗ) where the formula divides: one division per element, not two)
+    denom = v.sqrt() * (1 / bias_correction2_sqrt) + eps
     return w - (lr / bias_correction1) * (m / denom), m, v
 
 
@@ -92,10 +94,14 @@ def _adam_8bit_pass(param: Tensor, grad: Tensor, m_codes: Tensor, m_absmax: Tens
     m = precision.code_values(m_codes, True) * m_absmax
     v = precision.code_values(v_codes, False) * v_absmax
     w, m, v = _adam_update(_value(param, compensation), grad.float(), m, v, *scalars)
-    _store(w, param, compensation)
     m_max, v_max = m.abs().amax(dim=1, keepdim=True), v.amax(dim=1, keepdim=True)
     m_codes.copy_(precision.codes_of(m, precision.inverse(m_max), True))
     v_codes.copy_(precision.codes_of(v, precision.inverse(v_max), False))
+    # w as it is (no maximum is below 0, NaN included), but now read after the blocks' maxima:
+    # inductor then computes it in the loop that writes the codes instead of in a loop of its
+    # own through a float32 temporary (measured: 1.9x -> 1.6x torch's fused step, kernel alone)
+    w = torch.where(v_max < 0, v_max, w)
+    _store(w, param, compensation)
     m_absmax.copy_(m_max)
     v_absmax.copy_(v_max)
 
@@ -119,7 +125,8 @@ def _pass(prec: precision.Precision) -> Callable[..., None]:
 def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
     if type(param) not in _PLAIN or type(grad) not in _PLAIN or param.dtype not in _FLOATS:
         return False
-    if param.numel() < precision.COMPILE_NUMEL or grad.dtype != param.dtype or grad.is_sparse:
+    # (a length-1 dimension would specialize the kernel: one more compile for nothing)
+    if param.numel() < 2 or grad.dtype != param.dtype or grad.is_sparse:
         return False
     m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
     if not (isinstance(m, Tensor) and isinstance(v, Tensor) and isinstance(step, Tensor) and step.is_cpu):
@@ -128,7 +135,7 @@ def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dic
     if form == "8bit":
         scales = [state.get(precision.absmax_key(k)) for k in ("exp_avg", "exp_avg_sq")]
         blocks = param.numel() // BLOCK
-        if m.dtype != torch.uint8 or v.dtype != torch.uint8 or param.numel() % BLOCK \
+        if m.dtype != torch.uint8 or v.dtype != torch.uint8 or param.numel() % BLOCK or blocks < 2 \
                 or not all(isinstance(a, Tensor) and a.shape == (blocks,) and a.dtype == torch.float32
                            and a.is_contiguous() for a in scales):
             return False  # (a ragged last block: the general path)
@@ -152,6 +159,8 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
     of the others for the general path (None when none is left)."""
     if not _eligible_group(optimizer, batch, lr, plan):
         return batch
+    if not any(p.numel() >= precision.COMPILE_NUMEL for p in batch.params):
+        return batch  # (nothing here is worth compiling a kernel for)
     prec = optimizer._precision
     chosen = [_eligible(prec, p, g, s) for p, g, s in zip(batch.params, batch.grads, batch.states, strict=True)]
     if not any(chosen):
@@ -173,7 +182,9 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
         t = float(step)
         c = state[COMPENSATION].detach() if compensated and precision._is_16bit(param.dtype) else None
         corrections = (1 - beta1**t, (1 - beta2**t) ** 0.5)
-        kernel = precision._kernel(kernel_fn, param.numel())
+        # once the batch has one large tensor the kernel exists, and a call is cheaper than
+        # the general path's dozen operations for the small ones too
+        kernel = precision._kernel(kernel_fn, precision.COMPILE_NUMEL)
         if kernel_fn is _adam_8bit_pass:
             blocks = param.numel() // BLOCK
             views = [x.view(blocks, BLOCK) for x in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
