@@ -347,3 +347,25 @@ def test_ab_step_script_runs() -> None:
                            "--rounds", "4", "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "sgd flat=True, 4 rounds" in done.stdout and "speed-up of descend (paired median)" in done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_counts_advance_by_exactly_one_in_their_own_dtype(dtype: torch.dtype) -> None:
+    """count_step_ adds a CPU tensor 1 (not a Python 1 wrapped per tensor): the counts must
+    still be t + 1 exactly, keep their dtype, and work off the CPU (meta) and up to 2**24."""
+    from descend.tensors import count_step_
+
+    steps = [torch.tensor(v, dtype=dtype) for v in (0.0, 41.0, 2.0**24 - 1)]
+    count_step_(steps)
+    assert [s.item() for s in steps] == [1.0, 42.0, 2.0**24]
+    assert {s.dtype for s in steps} == {dtype}
+    meta = [torch.zeros((), dtype=dtype, device="meta") for _ in range(3)]
+    count_step_(meta)  # the Python 1: no CPU tensor enters a meta-device list
+    assert all(s.device.type == "meta" for s in meta)
+    params = make_params(torch.float64, seed=3)
+    opt = descend.AdamW(params, lr=0.01)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert {float(opt.state[p]["step"]) for p in params} == {3.0}

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.tensors import by_device_and_dtype
+from descend.tensors import DTYPE, by_device_and_dtype
 from descend.validation import check_number, invalid, scalar_value
 
 DECAY_MODES = ("coupled", "decoupled", "independent", "fixed", "corrected")
@@ -356,8 +356,13 @@ def prox_l1_foreach_(params: list[Tensor], threshold: float) -> None:
         # on an accelerator a launch per tensor costs more than the extra passes over small tensors
         prox_l1_multi_tensor_(params, threshold)
         return
+    if any(dtype.is_complex for dtype in set(map(DTYPE, params))):
+        for param in params:
+            prox_l1_(param, threshold)
+        return
+    shrink = torch._C._nn.softshrink  # prox_l1_'s real case, inlined: this loop runs at every step
     for param in params:
-        prox_l1_(param, threshold)
+        shrink(param, threshold, out=param)  # type: ignore[call-arg]
 
 
 #: below this mean number of elements per tensor, off the CPU, the prox is multi-tensor

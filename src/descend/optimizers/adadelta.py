@@ -32,6 +32,7 @@ from torch import Tensor
 from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_number, invalid
 
 __all__ = ["Adadelta", "adadelta"]
@@ -75,7 +76,7 @@ def _multi_tensor_adadelta(params: list[Tensor], grads: list[Tensor], square_avg
                            eps: float) -> None:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype (never complex)."""
     for (p, g, v, u, t), _ in dispatch.grouped([params, grads, square_avgs, acc_deltas, steps]):
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._foreach_mul_(v, rho)
         torch._foreach_addcmul_(v, g, g, value=1 - rho)
         std = torch._foreach_add(v, eps)

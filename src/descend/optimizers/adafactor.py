@@ -39,7 +39,7 @@ from torch import Tensor
 
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.state import COL_FACTOR, ROW_FACTOR, SCALAR, Entry, StateSpec
-from descend.tensors import grouped_by_device_and_dtype
+from descend.tensors import count_step_, grouped_by_device_and_dtype
 from descend.validation import check_number, invalid
 
 __all__ = ["Adafactor", "adafactor"]
@@ -113,7 +113,7 @@ def _multi_tensor_adafactor(params: list[Tensor], grads: list[Tensor], row_vars:
                 continue
             p, g, s = [p_all[j] for j in pick], [g_all[j] for j in pick], [s_all[j] for j in pick]
             where = [indices[j] for j in pick]
-            torch._foreach_add_(s, 1.0)
+            count_step_(s)
             ts = [x.item() for x in s]
             one_minus_beta2 = [t**beta2_decay for t in ts]
             alphas = [max(eps2, rms[i]) * min(lr, 1 / t**0.5) for i, t in zip(where, ts)]

@@ -47,7 +47,7 @@ from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.regularization import Absorbs
 from descend.state import SCALAR, Entry, StateSpec
-from descend.tensors import IS_CPU, grouped_by_device_and_dtype
+from descend.tensors import IS_CPU, count_step_, grouped_by_device_and_dtype
 from descend.validation import check_flag, check_number
 
 __all__ = ["Adagrad", "adagrad"]
@@ -112,7 +112,7 @@ def _multi_tensor_adagrad(params: list[Tensor], grads: list[Tensor], state_sums:
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype (never complex)."""
     traced = dispatch.compiling()
     for (p, g, G, t), _ in dispatch.grouped([params, grads, state_sums, steps]):
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         if traced:  # the counts stay tensors: reading them would break the graph
             neg_decayed_lrs: Any = [-lr / (1 + (s - 1) * lr_decay) for s in t]
         else:
@@ -136,7 +136,7 @@ def _fused_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[T
         scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         skip = found_inf.to(device, non_blocking=True) if found_inf is not None else None
         device_lr = lr.to(device, non_blocking=True) if isinstance(lr, Tensor) and lr.device != device else lr
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._fused_adagrad_(p, g, G, t, lr=device_lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
                               maximize=maximize, grad_scale=scale, found_inf=skip)
         if skip is not None:

@@ -36,7 +36,7 @@ from descend import dispatch, precision_fused, regularization
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.regularization import Absorbs
 from descend.state import SCALAR, Entry, StateSpec
-from descend.tensors import IS_CPU, grouped_by_device_and_dtype
+from descend.tensors import IS_CPU, count_step_, grouped_by_device_and_dtype
 from descend.validation import check_flag, check_number, invalid
 
 __all__ = ["Adam", "AdamW", "adam"]
@@ -161,7 +161,7 @@ def _multi_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         lists.append(max_exp_avg_sqs)
     for tensors, _ in dispatch.grouped(lists):
         p, g, m, v, t = tensors[:5]
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
@@ -232,7 +232,7 @@ def _multi_tensor_adam_capturable(params: list[Tensor], grads: list[Tensor], exp
         p, g, m, v, t = tensors[:5]
         if p and torch.is_complex(p[0]):
             p, g, m, v = ([torch.view_as_real(x) for x in xs] for xs in (p, g, m, v))
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
@@ -277,7 +277,7 @@ def _fused_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         device = p[0].device
         scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         skip = found_inf.to(device, non_blocking=True) if found_inf is not None else None
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         kernel(p, g, m, v, vmax, t, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
                weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=scale, found_inf=skip)
         if skip is not None:

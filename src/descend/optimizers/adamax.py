@@ -33,6 +33,7 @@ from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.optimizers.adam import check_betas
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_number, invalid
 
 __all__ = ["Adamax", "adamax"]
@@ -79,7 +80,7 @@ def _multi_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype (never complex)."""
     traced = dispatch.compiling()
     for (p, g, m, u, t), _ in dispatch.grouped([params, grads, exp_avgs, exp_infs, steps]):
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(u, beta2)
         bound = torch._foreach_abs(g)

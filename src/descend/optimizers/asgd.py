@@ -40,6 +40,7 @@ from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.optimizers.nadam import check_torch_only_flags, scalar_dtype
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_number, scalar_value
 
 __all__ = ["ASGD", "asgd"]
@@ -90,7 +91,7 @@ def _multi_tensor_asgd(params: list[Tensor], grads: list[Tensor], axs: list[Tens
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype (never complex)."""
     for (p, g, ax, mu, eta, t), _ in dispatch.grouped([params, grads, axs, mus, etas, steps]):
         device = p[0].device
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         direction = torch._foreach_add(g, p, alpha=lambd)
         torch._foreach_addcmul_(p, direction, eta, value=-1)
         del direction

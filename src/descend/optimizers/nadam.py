@@ -43,6 +43,7 @@ from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.optimizers.adam import check_betas
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_flag, check_number, invalid
 
 __all__ = ["NAdam", "nadam", "TorchDecoupledFlag", "scalar_dtype"]
@@ -109,7 +110,7 @@ def _multi_tensor_nadam(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     a tensor lr read as a number, as torch's foreach form reads it for the step sizes)."""
     lr = float(lr)
     for (p, g, m, v, products, t), _ in dispatch.grouped([params, grads, exp_avgs, exp_avg_sqs, mu_products, steps]):
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)

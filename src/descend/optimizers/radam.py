@@ -43,6 +43,7 @@ from descend.optimizer import GroupBatch
 from descend.optimizers.adam import check_betas
 from descend.optimizers.nadam import TorchDecoupledFlag, resolve_decay, scalar_dtype
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_number
 
 __all__ = ["RAdam", "radam"]
@@ -108,7 +109,7 @@ def _multi_tensor_radam(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     a = 0 (1/∞ = 0), b = −γ/(1−β₁ᵗ) before: one expression for both branches. A tensor lr makes a and b
     0-dim tensors in its dtype, as torch's."""
     for (p, g, m, v, t), _ in dispatch.grouped([params, grads, exp_avgs, exp_avg_sqs, steps]):
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         step_values = [float(s.item()) for s in t]
         rects = []
         for s in step_values:

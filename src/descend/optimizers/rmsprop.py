@@ -37,6 +37,7 @@ from torch import Tensor
 from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_flag, check_number, invalid
 
 __all__ = ["RMSprop", "rmsprop"]
@@ -109,7 +110,7 @@ def _multi_tensor_rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs
         lists.append(momentum_buffers)
     for tensors, _ in dispatch.grouped(lists):
         p, g, v, t = tensors[:4]
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         torch._foreach_mul_(v, alpha)
         torch._foreach_addcmul_(v, g, g, value=1 - alpha)
         if centered:

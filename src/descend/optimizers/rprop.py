@@ -39,6 +39,7 @@ from descend import dispatch
 from descend.optimizer import GroupBatch, RegularizedOptimizer
 from descend.optimizers.nadam import check_torch_only_flags, scalar_dtype
 from descend.state import SCALAR, Entry, StateSpec
+from descend.tensors import count_step_
 from descend.validation import check_number, invalid, scalar_value
 
 __all__ = ["Rprop", "rprop"]
@@ -92,7 +93,7 @@ def _multi_tensor_rprop(params: list[Tensor], grads: list[Tensor], prevs: list[T
     """The same rule with torch's multi-tensor (foreach) kernels, per device and dtype (never complex).
     g_t is written into g_prev at once, and zeroed there where its sign flipped."""
     for (p, g, prev, sizes, t), _ in dispatch.grouped([params, grads, prevs, step_sizes, steps]):
-        torch._foreach_add_(t, 1)
+        count_step_(t)
         factors = torch._foreach_mul(g, prev)
         torch._foreach_copy_(prev, g)
         torch._foreach_sign_(factors)
