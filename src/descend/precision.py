@@ -204,25 +204,37 @@ def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool, dtype: torch.dtyp
 #: one CPU core); smaller ones stay eager, where the compile (seconds, once per process and
 #: kernel) would not pay. ``DESCEND_COMPILE=0`` in the environment, or 0 here, turns it off.
 COMPILE_NUMEL = 1 << 16 if os.environ.get("DESCEND_COMPILE", "1") != "0" else 0
-_COMPILED: dict[Callable[..., Any], Callable[..., Any] | None] = {}
+#: the compiled form of each (function, exact_casts), None where compiling it failed
+_COMPILED: dict[tuple[Callable[..., Any], bool], Callable[..., Any] | None] = {}
 
 
-def _kernel(fn: Callable[..., Any], numel: int) -> Callable[..., Any]:
+def _compile_failed(fn: Callable[..., Any]) -> bool:
+    """Whether compiling ``fn`` (in either form of :func:`_kernel`) has failed in this process."""
+    return any(compiled is None for (f, _), compiled in _COMPILED.items() if f is fn)
+
+
+def _kernel(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True) -> Callable[..., Any]:
     """``fn`` compiled by torch.compile for a tensor of ``numel`` elements where that pays and
     works; else ``fn`` itself. Where compiling fails (no C++ compiler on the CPU, no Triton on
     a GPU), the first call says why in a warning, and every later call runs ``fn`` eagerly:
     importing or using descend never needs a compiler. Compiled and eager forms compute the
-    same operations; while torch.compile traces the user's whole step, ``fn`` is traced with it."""
+    same operations; while torch.compile traces the user's whole step, ``fn`` is traced with it.
+
+    ``exact_casts``: a 16-bit value that ``fn`` casts and reads again is rounded as eager torch
+    rounds it. Inductor otherwise keeps 16-bit intermediates in float32 and drops a cast pair
+    such as ``w.to(bfloat16).float()``: Kahan's w − rn(w) needs the rounding. Pass False only
+    where ``fn`` casts to 16 bits just to store: the emulation costs its loads and stores their
+    full vector width on a CPU (measured: Adam's pass on float32 parameters and bfloat16 state,
+    2M elements, 3.5 → 2.1 ms)."""
     if not COMPILE_NUMEL or numel < COMPILE_NUMEL:
         return fn
     from descend import dispatch
 
     if dispatch.compiling():
         return fn
-    if fn not in _COMPILED:
-        # inductor computes 16-bit intermediates in float32 and drops a cast pair such as
-        # w.to(bfloat16).float() unless told to round as eager torch does: Kahan's w − rn(w) needs it
-        compiled = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+    key = (fn, exact_casts)
+    if key not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": exact_casts})
 
         def first_call(*args: Any) -> Any:
             try:
@@ -231,13 +243,13 @@ def _kernel(fn: Callable[..., Any], numel: int) -> Callable[..., Any]:
                 warnings.warn(f"descend.precision: torch.compile of {fn.__name__} failed ({type(e).__name__}: "
                               f"{str(e)[:200]}); low-precision state and rounding run eagerly (slower)",
                               RuntimeWarning, stacklevel=3)
-                _COMPILED[fn] = None
+                _COMPILED[key] = None
                 return fn(*args)
-            _COMPILED[fn] = compiled
+            _COMPILED[key] = compiled
             return result
 
         return first_call
-    return _COMPILED[fn] or fn
+    return _COMPILED[key] or fn
 
 
 # --- rounding ---------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _eligible_group(optimizer: Any, batch: GroupBatch, lr: Any, plan: regulariza
             and not isinstance(lr, Tensor) and not any(isinstance(b, Tensor) for b in group["betas"])
             and not group["amsgrad"] and not group.get("capturable") and not group["maximize"]
             and batch.grad_scale is None and batch.found_inf is None and not dispatch.compiling()
-            and precision._COMPILED.get(_pass(prec), _adam_pass) is not None
+            and not precision._compile_failed(_pass(prec))
             and plan.applied_by(optimizer._absorbs["fused"], maximize=False))
 
 
@@ -182,9 +182,6 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
         t = float(step)
         c = state[COMPENSATION].detach() if compensated and precision._is_16bit(param.dtype) else None
         corrections = (1 - beta1**t, (1 - beta2**t) ** 0.5)
-        # once the batch has one large tensor the kernel exists, and a call is cheaper than
-        # the general path's dozen operations for the small ones too
-        kernel = precision._kernel(kernel_fn, precision.COMPILE_NUMEL)
         if kernel_fn is _adam_8bit_pass:
             blocks = param.numel() // BLOCK
             views = [x.view(blocks, BLOCK) for x in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
@@ -193,11 +190,15 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
             for x in views:
                 torch._dynamo.mark_static(x, 1)  # the block: a constant of the kernel (its loops vectorize)
             m_absmax, v_absmax = (state[precision.absmax_key(k)].view(blocks, 1) for k in ("exp_avg", "exp_avg_sq"))
-            kernel(views[0], views[1], views[2], m_absmax, views[3], v_absmax, views[4] if c is not None else None,
-                   *scalars, *corrections)
+            args: tuple[Tensor | None, ...] = (views[0], views[1], views[2], m_absmax, views[3], v_absmax,
+                                               views[4] if c is not None else None)
         else:
-            kernel(param.view(-1), grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                   None if c is None else c.view(-1), *scalars, *corrections)
+            args = tuple(None if x is None else x.view(-1)
+                         for x in (param, grad, state["exp_avg"], state["exp_avg_sq"], c))
+        # once the batch has one large tensor the kernel exists, and a call is cheaper than
+        # the general path's dozen operations for the small ones too; without compensation
+        # the kernel casts to 16 bits only to store, and needs no emulated rounding
+        precision._kernel(kernel_fn, precision.COMPILE_NUMEL, exact_casts=c is not None)(*args, *scalars, *corrections)
     if all(chosen):
         return None
     return batch.part([not c for c in chosen])
