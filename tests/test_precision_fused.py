@@ -76,13 +76,16 @@ class _Spy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
         self.exact_casts: set[bool] = set()
+        self.lanes: set[torch.dtype | None] = set()
         kernel = precision._kernel
 
-        def spying(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True) -> Callable[..., Any]:
+        def spying(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True,
+                   lanes: torch.dtype | None = None) -> Callable[..., Any]:
             if fn in (precision_fused._adam_pass, precision_fused._adam_8bit_pass):
                 self.calls += 1
                 self.exact_casts.add(exact_casts)
-            return kernel(fn, numel, exact_casts=exact_casts)
+                self.lanes.add(lanes)
+            return kernel(fn, numel, exact_casts=exact_casts, lanes=lanes)
 
         monkeypatch.setattr(precision, "_kernel", spying)
 
@@ -116,6 +119,9 @@ def test_equals_the_general_path_to_rounding(case: str, flat: bool, general_path
     # Kahan's remainder w − rn(w) needs rounding as eager torch rounds; a pass that casts to
     # 16 bits only to store goes without the emulation (and its cost)
     assert spy.exact_casts == {kw.get("rounding") == "compensated" and dtype != torch.float32}
+    # the loops of a 16-bit pass run in its 16-bit lanes (descend.lanes); an 8-bit pass's as inductor decides
+    state_dtype = kw.get("state_dtype") or dtype
+    assert spy.lanes == {None if state_dtype == "8bit" else state_dtype if state_dtype != torch.float32 else dtype}
     for a, b in zip(got, ref, strict=True):
         assert a.dtype == b.dtype
         # a float32 difference can round a 16-bit stored moment to its other neighbour: a
@@ -202,7 +208,7 @@ def test_without_a_working_compiler_the_general_path_runs(monkeypatch: pytest.Mo
     general_path(True)
     ref, _ = _run(make, kw, dtype)
     general_path(False)
-    monkeypatch.setitem(precision._COMPILED, (precision_fused._adam_pass, True), None)  # (compiling it failed)
+    monkeypatch.setitem(precision._COMPILED, (precision_fused._adam_pass, True, torch.bfloat16), None)  # (compiling it failed)
     spy = _Spy(monkeypatch)
     got, _ = _run(make, kw, dtype)
     assert spy.calls == 0

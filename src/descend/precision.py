@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from descend import lanes as descend_lanes
 from descend.state import LIKE_PARAM, SCALAR, Entry, StateSpec
 from descend.validation import invalid
 
@@ -137,7 +138,8 @@ def codes_of(x: Tensor, inverse_absmax: Tensor, signed: bool) -> Tensor:
     level = ((scaled.view(torch.int32) + (1 << (_SHIFT - 1))) >> _SHIFT)
     if signed:
         magnitude = (level - _SIGNED_OFFSET).clamp(0, 127)
-        return (magnitude | torch.where((x < 0) & (magnitude > 0), 128, 0)).to(torch.uint8)
+        # (the sign bit from a bool shifted in int32: torch.where(..., 128, 0) would be int64)
+        return (magnitude | (((x < 0) & (magnitude > 0)).to(torch.int32) << 7)).to(torch.uint8)
     # a positive second moment is never 0 (see the module docstring): at least level 1
     return torch.where(scaled > 0, (level - _UNSIGNED_OFFSET).clamp(1, 255), 0).to(torch.uint8)
 
@@ -204,16 +206,17 @@ def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool, dtype: torch.dtyp
 #: one CPU core); smaller ones stay eager, where the compile (seconds, once per process and
 #: kernel) would not pay. ``DESCEND_COMPILE=0`` in the environment, or 0 here, turns it off.
 COMPILE_NUMEL = 1 << 16 if os.environ.get("DESCEND_COMPILE", "1") != "0" else 0
-#: the compiled form of each (function, exact_casts), None where compiling it failed
-_COMPILED: dict[tuple[Callable[..., Any], bool], Callable[..., Any] | None] = {}
+#: the compiled form of each (function, exact_casts, lanes), None where compiling it failed
+_COMPILED: dict[tuple[Callable[..., Any], bool, torch.dtype | None], Callable[..., Any] | None] = {}
 
 
 def _compile_failed(fn: Callable[..., Any]) -> bool:
     """Whether compiling ``fn`` (in either form of :func:`_kernel`) has failed in this process."""
-    return any(compiled is None for (f, _), compiled in _COMPILED.items() if f is fn)
+    return any(compiled is None for (f, *_), compiled in _COMPILED.items() if f is fn)
 
 
-def _kernel(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True) -> Callable[..., Any]:
+def _kernel(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True,
+            lanes: torch.dtype | None = None) -> Callable[..., Any]:
     """``fn`` compiled by torch.compile for a tensor of ``numel`` elements where that pays and
     works; else ``fn`` itself. Where compiling fails (no C++ compiler on the CPU, no Triton on
     a GPU), the first call says why in a warning, and every later call runs ``fn`` eagerly:
@@ -225,16 +228,24 @@ def _kernel(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True) -> 
     such as ``w.to(bfloat16).float()``: Kahan's w − rn(w) needs the rounding. Pass False only
     where ``fn`` casts to 16 bits just to store: the emulation is slow on a CPU (``descend bench
     --sets precision``, AdamW with bfloat16 state: 2.83–3.18× → 1.85–1.92× torch's fused step
-    on a 2-core AMD EPYC)."""
+    on a 2-core AMD EPYC).
+
+    ``lanes``: the 16-bit float type whose vector lanes inductor's C++ loops should use where
+    a statement only moves float32 data (:mod:`descend.lanes`); None: inductor decides."""
     if not COMPILE_NUMEL or numel < COMPILE_NUMEL:
         return fn
     from descend import dispatch
 
     if dispatch.compiling():
         return fn
-    key = (fn, exact_casts)
+    key = (fn, exact_casts, lanes)
     if key not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": exact_casts})
+        options: dict[str, Any] = {"emulate_precision_casts": exact_casts}
+        if lanes is not None and (cache_key := descend_lanes.cache_key()) is not None:
+            options["post_grad_custom_post_pass"] = cache_key
+        compiled = torch.compile(fn, dynamic=True, options=options)
+        if lanes is not None and cache_key is not None:
+            compiled = descend_lanes.hinted(compiled, lanes)
 
         def first_call(*args: Any) -> Any:
             try:
