@@ -54,19 +54,21 @@ _FLOATS = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 def _scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction1: float,
              bias_correction2_sqrt: float, device: torch.device) -> Scalars:
-    """The scalars of one step, as :func:`_adam_update` takes them: on a CPU one float64 tensor
-    (a compiled call then checks and wraps one tensor instead of seven floats, 20–40 µs less
-    per call in an ad-hoc timing), elsewhere the floats themselves (where a CPU tensor would
-    be a host argument of a device kernel)."""
-    values = (lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt)
+    """The scalars of one step, as :func:`_adam_update` takes them: lr, β₁, β₂, ε, λ, the step
+    size lr/(1 − β₁ᵗ) and 1/√(1 − β₂ᵗ) (the two quotients here, in float64 as a kernel would
+    compute them, so that no loop divides scalars per vector). On a CPU one float64 tensor (a
+    compiled call then checks and wraps one tensor instead of seven floats, 20–40 µs less per
+    call in an ad-hoc timing), elsewhere the floats themselves (where a CPU tensor would be a
+    host argument of a device kernel)."""
+    values = (lr, beta1, beta2, eps, weight_decay, lr / bias_correction1, 1 / bias_correction2_sqrt)
     return torch.tensor(values, dtype=torch.float64) if device.type == "cpu" else values
 
 
 def _adam_update(w: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Scalars, decoupled: bool
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Adam's step on float32 working values (module docstring): the new (w, m, v). ``scalars``
-    (:func:`_scalars`): lr, β₁, β₂, ε, λ, 1 − β₁ᵗ, √(1 − β₂ᵗ), in float64 either way."""
-    lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt = (
+    """Adam's step on float32 working values (module docstring): the new (w, m, v), with the
+    scalars of :func:`_scalars`."""
+    lr, beta1, beta2, eps, weight_decay, step_size, inverse_correction2 = (
         scalars.unbind() if isinstance(scalars, Tensor) else scalars)
     if decoupled:
         w = w * (1 - lr * weight_decay)
@@ -75,8 +77,8 @@ def _adam_update(w: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Scalars, d
     m = torch.lerp(m, g, (1 - beta1).float() if isinstance(beta1, Tensor) else 1 - beta1)
     v = v * beta2 + (1 - beta2) * g * g
     # (a product by 1/√(1 − β₂ᵗ) where the formula divides: one division per element, not two)
-    denom = v.sqrt() * (1 / bias_correction2_sqrt) + eps
-    return w - (lr / bias_correction1) * (m / denom), m, v
+    denom = v.sqrt() * inverse_correction2 + eps
+    return w - step_size * (m / denom), m, v
 
 
 def _value(param: Tensor, compensation: Tensor | None) -> Tensor:
