@@ -70,8 +70,8 @@ def _run(make: Callable[..., torch.optim.Optimizer], kw: dict[str, Any], dtype: 
 
 
 class _Spy:
-    """Counts the compiled pass's calls (the tensors it stepped), and notes whether each asked
-    for emulated 16-bit rounding."""
+    """Counts the tensors the compiled passes stepped and the calls of each pass, and notes
+    whether each asked for emulated 16-bit rounding, and in which lanes."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
@@ -79,13 +79,24 @@ class _Spy:
         self.lanes: set[torch.dtype | None] = set()
         kernel = precision._kernel
 
+        self.calls_by_fn: dict[str, int] = {}
+        singles = (precision_fused._adam_pass, precision_fused._adam_8bit_pass)
+        chunks = (precision_fused._adam_passes, precision_fused._adam_8bit_passes)
+
         def spying(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True,
                    lanes: torch.dtype | None = None) -> Callable[..., Any]:
-            if fn in (precision_fused._adam_pass, precision_fused._adam_8bit_pass):
-                self.calls += 1
-                self.exact_casts.add(exact_casts)
-                self.lanes.add(lanes)
-            return kernel(fn, numel, exact_casts=exact_casts, lanes=lanes)
+            compiled = kernel(fn, numel, exact_casts=exact_casts, lanes=lanes)
+            if fn not in singles + chunks:
+                return compiled
+            self.exact_casts.add(exact_casts)
+            self.lanes.add(lanes)
+
+            def counting(*args: Any) -> Any:
+                self.calls += len(args[0]) if fn in chunks else 1  # (the tensors stepped)
+                self.calls_by_fn[fn.__name__] = self.calls_by_fn.get(fn.__name__, 0) + 1
+                return compiled(*args)
+
+            return counting
 
         monkeypatch.setattr(precision, "_kernel", spying)
 
@@ -198,6 +209,28 @@ def test_small_tensors_ride_along_with_a_large_one(kw: dict[str, Any], shapes: t
     spy = _Spy(monkeypatch)
     got, _ = _run(descend.AdamW, dict(weight_decay=0.1, **kw), dtype, shapes=shapes)
     assert spy.calls in (per_step * STEPS, per_step * (STEPS - 1))  # (every step, or all but the first)
+    for a, b in zip(got, ref, strict=True):
+        assert (a.detach().double() - b.detach().double()).abs().max().item() <= 0.05 * LR * STEPS
+
+
+@pytest.mark.parametrize("case", ["AdamW, float32 params, bfloat16 state", "AdamW, bfloat16 params, compensated",
+                                  "AdamW, float32 params, 8bit state"])
+def test_tensors_go_in_fours_and_the_rest_one_by_one(case: str, monkeypatch: pytest.MonkeyPatch,
+                                                     general_path: Callable[[bool], None]) -> None:
+    """Six tensors that the pass takes: one call steps four of them, two calls the others, and
+    the result is the general path's to rounding."""
+    make, kw, dtype = CASES[case]
+    shapes = (BIG, (512,), (1024,), (768,), (256, 4), (2, 256))
+    assert precision_fused.CHUNK == 4
+    general_path(True)
+    ref, _ = _run(make, kw, dtype, shapes=shapes)
+    general_path(False)
+    spy = _Spy(monkeypatch)
+    got, _ = _run(make, kw, dtype, shapes=shapes)
+    passes = ("_adam_8bit_passes", "_adam_8bit_pass") if kw.get("state_dtype") == "8bit" else ("_adam_passes", "_adam_pass")
+    counted = [spy.calls_by_fn.get(name, 0) for name in passes]
+    assert counted in ([STEPS, 2 * STEPS], [STEPS - 1, 2 * (STEPS - 1)])  # (every step, or all but the first)
+    assert spy.calls == 6 * counted[0]
     for a, b in zip(got, ref, strict=True):
         assert (a.detach().double() - b.detach().double()).abs().max().item() <= 0.05 * LR * STEPS
 
