@@ -17,8 +17,8 @@ runs in 16-bit lanes, float32 values in pairs of registers, every store a whole 
 kernel inductor generates whenever every statement has a 16-bit value. Nothing else changes:
 a statement that computes anything keeps inductor's own decision, and kernels compiled for
 anything but descend's hinted calls are untouched. ``descend bench --sets precision`` (AdamW,
-4.2M parameters, bfloat16 state, 2-core AMD EPYC): 1.83× torch's fused float32 step without
-the hint, 1.17× with it.
+4.2M parameters, bfloat16 state, 2-core AMD EPYC, two runs each): 1.83–1.87× torch's fused
+float32 step without the hint, 1.08–1.09× with it.
 
 The hint reaches into inductor's C++ code generator (``get_loop_body_lowp_fp`` of
 ``torch._inductor.codegen.cpp`` in torch 2.13). Where a torch lacks it, nothing is

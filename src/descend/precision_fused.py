@@ -26,7 +26,9 @@ whole blocks of 256), torch's fused form chosen (not
 ``foreach=`` or ``fused=False``), a number lr, no AMSGrad, ``maximize``, L1, GradScaler
 scale or capturable counts, step counts on the host, and a compiler that works (where none
 does, the general path runs, after :mod:`descend.precision`'s one warning). Everything else,
-the remaining tensors of the batch included, takes the general path.
+the remaining tensors of the batch included, takes the general path. The tensors taken go
+through the kernel four to a call (:data:`CHUNK`), and its loops run in 16-bit lanes
+(:mod:`descend.lanes`).
 """
 
 from __future__ import annotations
