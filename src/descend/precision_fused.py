@@ -41,6 +41,7 @@ from torch import Tensor
 
 from descend import dispatch, precision, regularization
 from descend.precision import BLOCK, COMPENSATION
+from descend.tensors import count_step_
 
 if TYPE_CHECKING:
     from descend.optimizer import GroupBatch
@@ -164,6 +165,11 @@ def _passes(prec: precision.Precision) -> Callable[..., None]:
     return _adam_8bit_passes if prec.state_dtype == "8bit" else _adam_passes
 
 
+def _flat(x: Tensor) -> Tensor:
+    """x as one dimension (a 1-D tensor as it is: a view costs a microsecond, per tensor and step)."""
+    return x if x.dim() == 1 else x.view(-1)
+
+
 def _lanes(param: Tensor, exp_avg: Tensor) -> torch.dtype | None:
     """The 16-bit type of a 16-bit pass's loops (:mod:`descend.lanes`): that of the moments, or
     of the parameter. (Not for 8-bit state: its loops compute codes in every statement, and
@@ -202,7 +208,7 @@ def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dic
     elif not isinstance(form, str) and form == param.dtype:
         return False  # nothing differs from torch's own fused step
     # (stepped as 1-D views: one compiled kernel serves every shape)
-    return all(t.is_contiguous() for t in tensors)
+    return all(map(Tensor.is_contiguous, tensors))
 
 
 def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
@@ -230,11 +236,12 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
     by_count: dict[float, Scalars] = {}  # (the tensors of a batch have one step count, as a rule)
     # each tensor's arguments, by what its call needs: step count, emulated casts, lanes
     pending: dict[tuple[float, bool, torch.dtype | None], list[tuple[Tensor | None, ...]]] = {}
-    for i in (i for i, c in enumerate(chosen) if c):
+    taken = [i for i, c in enumerate(chosen) if c]
+    steps = [batch.states[i]["step"] for i in taken]
+    count_step_(steps)  # (one add for all, and one read of the counts below)
+    counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+    for i, t in zip(taken, counts, strict=True):
         param, grad, state = batch.params[i].detach(), batch.grads[i], batch.states[i]
-        step = state["step"]
-        step += 1
-        t = float(step)
         c = state[COMPENSATION].detach() if compensated and precision._is_16bit(param.dtype) else None
         if t not in by_count:
             by_count[t] = _scalars(*hyper, 1 - beta1**t, (1 - beta2**t) ** 0.5, device=param.device)
@@ -250,9 +257,9 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
                                                views[4] if c is not None else None)
             lanes = None
         else:
-            args = tuple(None if x is None else x.view(-1)
-                         for x in (param, grad, state["exp_avg"], state["exp_avg_sq"], c))
-            lanes = _lanes(param, state["exp_avg"])
+            m = state["exp_avg"]
+            args = (_flat(param), _flat(grad), _flat(m), _flat(state["exp_avg_sq"]), None if c is None else _flat(c))
+            lanes = _lanes(param, m)
         # without compensation the kernel casts to 16 bits only to store, and needs no emulated rounding
         pending.setdefault((t, c is not None, lanes), []).append(args)
     # once the batch has one large tensor the kernel exists, and a call is cheaper than the
