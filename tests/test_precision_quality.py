@@ -30,6 +30,7 @@ def _mean_result(dtype: torch.dtype, **options: Any) -> tuple[float, float]:
     losses, accs = [], []
     for seed in SEEDS:
         model = digits.make_mlp(data, 64, seed).to(dtype)
+        torch.manual_seed(seed)  # (stochastic rounding's generator is seeded from it: the same run every time)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (nearest on bfloat16 warns that the decay rounds away: it does)
             opt = descend.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, **options)

@@ -112,6 +112,9 @@ def run_config(config: LowPrecConfig, data: digits.Digits, seeds: list[int], epo
     start = time.perf_counter()
     for seed in seeds:
         model = digits.make_mlp(data, hidden, seed).to(config.dtype)
+        # stochastic rounding's generator is seeded from torch.initial_seed(), random per process
+        # unless set: the run's seed sets it, so that a seed gives the same run every time
+        torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (nearest on bfloat16 warns that the decay rounds away: it does)
             opt = descend.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **config.options)
