@@ -30,6 +30,7 @@ def decay_only(dtype: torch.dtype, steps: int, make: Callable[..., torch.optim.O
     """The norm after ``steps`` decay-only steps over the norm before."""
     g = torch.Generator().manual_seed(0)
     p = torch.randn(2000, generator=g).to(dtype).requires_grad_()
+    torch.manual_seed(0)  # (stochastic rounding's generator is seeded from it: the same figure every run)
     opt = make([p], lr=LR, weight_decay=WEIGHT_DECAY, **kw)
     start = float(p.detach().float().norm())
     tiny = (torch.randn(2000, generator=g) * 1e-12).to(dtype)
