@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 import descend
-from descend import precision, precision_fused
+from descend import precision, precision_fused, regularization
+from descend.optimizer import GroupBatch
 
 pytestmark = pytest.mark.skipif(precision.COMPILE_NUMEL == 0, reason="DESCEND_COMPILE=0")
 
@@ -233,6 +234,49 @@ def test_tensors_go_in_fours_and_the_rest_one_by_one(case: str, monkeypatch: pyt
     assert spy.calls == 6 * counted[0]
     for a, b in zip(got, ref, strict=True):
         assert (a.detach().double() - b.detach().double()).abs().max().item() <= 0.05 * LR * STEPS
+
+
+def test_a_call_never_mixes_devices_or_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors of one compiled call share device and dtype, and a device other than the
+    CPU gets its scalars as floats (a CPU tensor of scalars would be a host argument of a
+    device kernel); checked with the kernels replaced by a recorder, on CPU and meta tensors."""
+    calls: list[tuple[str, list[tuple[Tensor | None, ...]], Any]] = []
+
+    def recording(fn: Callable[..., Any], numel: int, **kw: Any) -> Callable[..., Any]:
+        def record(*args: Any) -> None:
+            together = fn in (precision_fused._adam_passes, precision_fused._adam_8bit_passes)
+            calls.append((fn.__name__, list(args[0]) if together else [args[:-2]], args[-2]))
+        return record
+
+    monkeypatch.setattr(precision, "_kernel", recording)
+    cases = [("8bit", [torch.float32, torch.bfloat16] * 4, ["cpu"] * 8),
+             (torch.bfloat16, [torch.float32, torch.float16] * 4, ["cpu"] * 8),
+             (torch.bfloat16, [torch.float32] * 8, ["cpu", "meta"] * 4)]
+    for state_dtype, dtypes, devices in cases:
+        calls.clear()
+        params = [torch.nn.Parameter(torch.zeros(BIG, dtype=dtype, device=device))
+                  for dtype, device in zip(dtypes, devices, strict=True)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = descend.AdamW(params, lr=LR, weight_decay=0.1, state_dtype=state_dtype)
+        if "meta" in devices:
+            # (a step takes no fused form on meta; a group of CPU and CUDA tensors would, so the
+            # batch is built here as the step builds one for such a group)
+            group = opt.param_groups[0]
+            states = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, dtype=state_dtype),
+                       "exp_avg_sq": torch.zeros_like(p, dtype=state_dtype)} for p in params]
+            batch = GroupBatch(group, params, [torch.zeros_like(p) for p in params], states, implementation="fused")
+            assert precision_fused.adam_stored_step(opt, batch, LR, regularization.plan(group, LR)) is None
+        else:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        stepped = [args for _, group, _ in calls for args in group]
+        assert len(stepped) == len(params)  # (every tensor, in calls of four: two per dtype or device)
+        assert [name for name, _, _ in calls].count(precision_fused._passes(opt._precision).__name__) == 2
+        for _, group, scalars in calls:
+            assert len({(a[0].dtype, a[0].device) for a in group}) == 1
+            assert isinstance(scalars, Tensor) == (group[0][0].device.type == "cpu")
 
 
 def test_without_a_working_compiler_the_general_path_runs(monkeypatch: pytest.MonkeyPatch,

@@ -190,7 +190,8 @@ def _eligible(prec: precision.Precision, param: Tensor, grad: Tensor, state: dic
     if param.numel() < 2 or grad.dtype != param.dtype or grad.is_sparse:
         return False
     m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
-    if not (isinstance(m, Tensor) and isinstance(v, Tensor) and isinstance(step, Tensor) and step.is_cpu):
+    if not (isinstance(m, Tensor) and isinstance(v, Tensor) and isinstance(step, Tensor) and step.is_cpu
+            and step.dim() == 0):  # (the counts are read together, stacked)
         return False
     form = prec.stored_form(param)
     if form == "8bit":
@@ -236,9 +237,13 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
     compensated = prec.rounding == "compensated"
     kernel_fn = _pass(prec)
     hyper = (float(lr), beta1, beta2, float(group["eps"]), float(terms.weight_decay))
-    by_count: dict[float, Scalars] = {}  # (the tensors of a batch have one step count, as a rule)
+    # the scalars of each (step count, device): a CPU tensor must not reach a device kernel
+    by_count: dict[tuple[float, torch.device], Scalars] = {}
     # each tensor's arguments, by what its call needs: step count, emulated casts, lanes
-    pending: dict[tuple[float, bool, torch.dtype | None], list[tuple[Tensor | None, ...]]] = {}
+    # (and its device and dtype: a call's tensors share them, or each arrangement of dtypes in
+    # a call of four would be a graph of its own, past dynamo's recompile limit)
+    pending: dict[tuple[float, torch.device, torch.dtype, bool, torch.dtype | None],
+                  list[tuple[Tensor | None, ...]]] = {}
     taken = [i for i, c in enumerate(chosen) if c]
     steps = [batch.states[i]["step"] for i in taken]
     count_step_(steps)  # (one add for all, and one read of the counts below)
@@ -246,8 +251,8 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
     for i, t in zip(taken, counts, strict=True):
         param, grad, state = batch.params[i].detach(), batch.grads[i], batch.states[i]
         c = state[COMPENSATION].detach() if compensated and precision._is_16bit(param.dtype) else None
-        if t not in by_count:
-            by_count[t] = _scalars(*hyper, 1 - beta1**t, (1 - beta2**t) ** 0.5, device=param.device)
+        if (t, param.device) not in by_count:
+            by_count[t, param.device] = _scalars(*hyper, 1 - beta1**t, (1 - beta2**t) ** 0.5, device=param.device)
         if kernel_fn is _adam_8bit_pass:
             blocks = param.numel() // BLOCK
             views = [x.view(blocks, BLOCK) for x in (param, grad, state["exp_avg"], state["exp_avg_sq"])]
@@ -264,19 +269,20 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
             args = (_flat(param), _flat(grad), _flat(m), _flat(state["exp_avg_sq"]), None if c is None else _flat(c))
             lanes = _lanes(param, m)
         # without compensation the kernel casts to 16 bits only to store, and needs no emulated rounding
-        pending.setdefault((t, c is not None, lanes), []).append(args)
+        pending.setdefault((t, param.device, param.dtype, c is not None, lanes), []).append(args)
     # once the batch has one large tensor the kernel exists, and a call is cheaper than the
     # general path's dozen operations for the small ones too
-    for (t, exact_casts, lanes), calls in pending.items():
+    for (t, device, _, exact_casts, lanes), calls in pending.items():
+        scalars = by_count[t, device]
         whole = len(calls) - len(calls) % CHUNK
         if whole:
             together = precision._kernel(_passes(prec), precision.COMPILE_NUMEL, exact_casts=exact_casts, lanes=lanes)
             for k in range(0, whole, CHUNK):
-                together(calls[k:k + CHUNK], by_count[t], terms.decoupled)
+                together(calls[k:k + CHUNK], scalars, terms.decoupled)
         if whole < len(calls):
             alone = precision._kernel(kernel_fn, precision.COMPILE_NUMEL, exact_casts=exact_casts, lanes=lanes)
             for args in calls[whole:]:
-                alone(*args, by_count[t], terms.decoupled)
+                alone(*args, scalars, terms.decoupled)
     if all(chosen):
         return None
     return batch.part([not c for c in chosen])
