@@ -271,12 +271,12 @@ def test_a_call_never_mixes_devices_or_dtypes(monkeypatch: pytest.MonkeyPatch) -
             for p in params:
                 p.grad = torch.zeros_like(p)
             opt.step()
-        stepped = [args for _, group, _ in calls for args in group]
+        stepped = [args for _, together, _ in calls for args in together]
         assert len(stepped) == len(params)  # (every tensor, in calls of four: two per dtype or device)
         assert [name for name, _, _ in calls].count(precision_fused._passes(opt._precision).__name__) == 2
-        for _, group, scalars in calls:
-            assert len({(a[0].dtype, a[0].device) for a in group}) == 1
-            assert isinstance(scalars, Tensor) == (group[0][0].device.type == "cpu")
+        for _, together, scalars in calls:
+            assert len({(args[0].dtype, args[0].device) for args in together}) == 1
+            assert isinstance(scalars, Tensor) == (together[0][0].device.type == "cpu")
 
 
 def test_without_a_working_compiler_the_general_path_runs(monkeypatch: pytest.MonkeyPatch,

@@ -211,7 +211,7 @@ _COMPILED: dict[tuple[Callable[..., Any], bool, torch.dtype | None], Callable[..
 
 
 def _compile_failed(fn: Callable[..., Any]) -> bool:
-    """Whether compiling ``fn`` (in either form of :func:`_kernel`) has failed in this process."""
+    """Whether compiling ``fn`` (in any of the forms of :func:`_kernel`) has failed in this process."""
     return any(compiled is None for (f, *_), compiled in _COMPILED.items() if f is fn)
 
 
@@ -241,10 +241,11 @@ def _kernel(fn: Callable[..., Any], numel: int, *, exact_casts: bool = True,
     key = (fn, exact_casts, lanes)
     if key not in _COMPILED:
         options: dict[str, Any] = {"emulate_precision_casts": exact_casts}
-        if lanes is not None and (cache_key := descend_lanes.cache_key()) is not None:
+        cache_key = descend_lanes.cache_key() if lanes is not None else None
+        if cache_key is not None:
             options["post_grad_custom_post_pass"] = cache_key
         compiled = torch.compile(fn, dynamic=True, options=options)
-        if lanes is not None and cache_key is not None:
+        if lanes is not None and cache_key is not None:  # (no cache key: a torch without the hint)
             compiled = descend_lanes.hinted(compiled, lanes)
 
         def first_call(*args: Any) -> Any:

@@ -61,9 +61,8 @@ def _scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: fl
     """The scalars of one step, as :func:`_adam_update` takes them: lr, β₁, β₂, ε, λ, the step
     size lr/(1 − β₁ᵗ) and 1/√(1 − β₂ᵗ) (the two quotients here, in float64 as a kernel would
     compute them, so that no loop divides scalars per vector). On a CPU one float64 tensor (a
-    compiled call then checks and wraps one tensor instead of seven floats, 20–40 µs less per
-    call in an ad-hoc timing), elsewhere the floats themselves (where a CPU tensor would be a
-    host argument of a device kernel)."""
+    compiled call then checks and wraps one tensor instead of seven floats), elsewhere the
+    floats themselves (where a CPU tensor would be a host argument of a device kernel)."""
     values = (lr, beta1, beta2, eps, weight_decay, lr / bias_correction1, 1 / bias_correction2_sqrt)
     return torch.tensor(values, dtype=torch.float64) if device.type == "cpu" else values
 
@@ -128,8 +127,7 @@ def _adam_8bit_pass(param: Tensor, grad: Tensor, m_codes: Tensor, m_absmax: Tens
 
 #: the tensors one compiled call steps together: a batch's tensors go in fours, the rest one
 #: by one. A call has a fixed cost (dynamo's guards, the wrappers around the kernel) that four
-#: tensors share: four small tensors took 96 µs in four calls and 40 µs in one (ad-hoc timing);
-#: ``descend bench --sets precision`` went from 1.97–2.60× to 1.77–2.26× with 8-bit state and
+#: tensors share: ``descend bench --sets precision`` went from 1.97–2.60× to 1.77–2.26× with 8-bit state and
 #: from 1.48–1.53× to 1.19–1.30× with compensated weights. Two graphs per configuration, one
 #: per function (its own code object, so that dynamo's recompile limit counts them apart),
 #: where a call per list length would compile one for each length.
@@ -169,14 +167,14 @@ def _passes(prec: precision.Precision) -> Callable[..., None]:
 
 
 def _flat(x: Tensor) -> Tensor:
-    """x as one dimension (a 1-D tensor as it is: a view costs a microsecond, per tensor and step)."""
+    """x as one dimension (a 1-D tensor as it is: no new view per tensor and step)."""
     return x if x.dim() == 1 else x.view(-1)
 
 
 def _lanes(param: Tensor, exp_avg: Tensor) -> torch.dtype | None:
     """The 16-bit type of a 16-bit pass's loops (:mod:`descend.lanes`): that of the moments, or
-    of the parameter. (Not for 8-bit state: its loops compute codes in every statement, and
-    16-bit lanes for them are slower.)"""
+    of the parameter. (8-bit passes take no hint: the codes are computed in every loop of
+    theirs, and the hint only relabels loops that compute nothing.)"""
     for dtype in (exp_avg.dtype, param.dtype):
         if precision._is_16bit(dtype):
             return dtype
@@ -269,7 +267,8 @@ def adam_stored_step(optimizer: Any, batch: GroupBatch, lr: Any,
             args = (_flat(param), _flat(grad), _flat(m), _flat(state["exp_avg_sq"]), None if c is None else _flat(c))
             lanes = _lanes(param, m)
         # without compensation the kernel casts to 16 bits only to store, and needs no emulated rounding
-        pending.setdefault((t, param.device, param.dtype, c is not None, lanes), []).append(args)
+        exact_casts = c is not None
+        pending.setdefault((t, param.device, param.dtype, exact_casts, lanes), []).append(args)
     # once the batch has one large tensor the kernel exists, and a call is cheaper than the
     # general path's dozen operations for the small ones too
     for (t, device, _, exact_casts, lanes), calls in pending.items():
